@@ -1,0 +1,1 @@
+"""Exact (constant-memory), FOM and UFOM hypergradients. Not implemented yet (issue 6)."""

@@ -1,0 +1,170 @@
+"""Stateful matching samplers with inclusion probabilities, for the optimizers.
+
+Every sampler has ``sample(generator=None, weights=None) -> Matching`` and ``state_dict()`` /
+``load_state_dict()`` for its own (non-RNG) state; the randomness comes from the caller's generator.
+``Σ_p W_p / prob_p`` over a sampled matching is an unbiased estimate of ``Σ_e W_e`` for the random samplers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from orthotorch._validation import check_generator, check_positive_int
+from orthotorch.graph_sampling.colouring import edge_colouring
+from orthotorch.graph_sampling.matching import (
+    Matching,
+    greedy_matching,
+    random_matching,
+    round_robin_matching,
+)
+
+__all__ = [
+    "ColouringSampler",
+    "GreedySampler",
+    "MatchingSampler",
+    "RandomMatchingSampler",
+    "RoundRobinSampler",
+    "make_sampler",
+]
+
+
+class MatchingSampler:
+    """Base class: draws matchings of ``n`` rows. Subclasses set ``needs_weights`` if they read ``|W|``."""
+
+    needs_weights = False
+
+    def __init__(self, n: int) -> None:
+        self.n = check_positive_int("n", n, minimum=2)
+
+    def sample(
+        self,
+        generator: torch.Generator | None = None,
+        *,
+        weights: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> Matching:
+        """One matching (see the subclass); ``weights`` is the ``(n, n)`` matrix for weight-based samplers."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler state other than the RNG (which the caller owns)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.n})"
+
+
+class RandomMatchingSampler(MatchingSampler):
+    """Uniform random perfect matching each call; ``prob = 1/(n−1)`` (even n) or ``1/n`` (odd n). O(n)."""
+
+    def sample(self, generator=None, *, weights=None, device=None) -> Matching:
+        check_generator("generator", generator)
+        return random_matching(self.n, generator=generator, device=device)
+
+
+class RoundRobinSampler(MatchingSampler):
+    """Cycles through the circle-method 1-factorisation: every pair exactly once per ``n−1`` calls (even n).
+
+    With ``shuffle=True`` each cycle relabels the rows by a fresh random permutation (drawn from the
+    caller's generator at the start of the cycle), so the pair order differs between cycles. ``prob`` is
+    ``1/(number of rounds)``: the fraction of calls in which a pair is rotated. O(n) per call.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool = False) -> None:
+        super().__init__(n)
+        self.shuffle = shuffle
+        self.rounds = n - 1 if n % 2 == 0 else n
+        self.position = 0
+        self._perm: torch.Tensor | None = None
+
+    def sample(self, generator=None, *, weights=None, device=None) -> Matching:
+        check_generator("generator", generator)
+        r = self.position % self.rounds
+        if self.shuffle and (r == 0 or self._perm is None):
+            gdev = generator.device if generator is not None else torch.device("cpu")
+            self._perm = torch.randperm(self.n, generator=generator, device=gdev)
+        m = round_robin_matching(self.n, r, device=device)
+        self.position += 1
+        if self.shuffle:
+            perm = self._perm.to(m.i.device)
+            m = Matching(perm[m.i], perm[m.j], m.prob)
+        return m
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "perm": None if self._perm is None else self._perm.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+        self._perm = None if state.get("perm") is None else state["perm"].clone()
+
+
+class ColouringSampler(MatchingSampler):
+    """A uniformly random colour class of a user-given allowed-pair graph (networkx), ``prob = 1/C``.
+
+    The colouring (Misra–Gries, ≤ Δ+1 classes) is computed once at construction. Rows outside the graph
+    are never rotated.
+    """
+
+    def __init__(self, n: int, graph: Any) -> None:
+        super().__init__(n)
+        self.classes = edge_colouring(graph)
+        if not self.classes:
+            raise ValueError("`graph` has no edges: there is no pair to rotate")
+        top = max(int(torch.cat([m.i, m.j]).max()) for m in self.classes)
+        if top >= n:
+            raise ValueError(f"`graph` has node {top}, outside the {n} rows of the parameter")
+
+    def sample(self, generator=None, *, weights=None, device=None) -> Matching:
+        check_generator("generator", generator)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        c = int(torch.randint(len(self.classes), (1,), generator=generator, device=gdev))
+        m = self.classes[c]
+        return m if device is None else m.to(device)
+
+
+class GreedySampler(MatchingSampler):
+    """Greedy max-``|W|`` matching (locally dominant edges). Needs the dense ``(n, n)`` weights: the caller
+    forms ``W = G Xᵀ − X Gᵀ`` (O(n²k)) and passes ``|W|``. Deterministic: ``prob = 1``."""
+
+    needs_weights = True
+
+    def sample(self, generator=None, *, weights=None, device=None) -> Matching:
+        if weights is None:
+            raise ValueError("GreedySampler.sample needs `weights` (the (n, n) matrix |W|)")
+        if weights.shape != (self.n, self.n):
+            raise ValueError(
+                f"`weights` must have shape ({self.n}, {self.n}), got {tuple(weights.shape)}"
+            )
+        m = greedy_matching(weights)
+        return m if device is None else m.to(device)
+
+
+def make_sampler(name: str, n: int, *, graph: Any = None) -> MatchingSampler:
+    """Sampler by name: ``"random"``, ``"round_robin"``, ``"round_robin_shuffled"``, ``"greedy"``,
+    ``"colouring"`` (needs ``graph``)."""
+    if name == "random":
+        return RandomMatchingSampler(n)
+    if name == "round_robin":
+        return RoundRobinSampler(n)
+    if name == "round_robin_shuffled":
+        return RoundRobinSampler(n, shuffle=True)
+    if name == "greedy":
+        return GreedySampler(n)
+    if name in ("colouring", "coloring"):
+        if graph is None:
+            raise ValueError(
+                "sampler 'colouring' needs `graph` (a networkx.Graph of allowed row pairs)"
+            )
+        return ColouringSampler(n, graph)
+    raise ValueError(
+        f"unknown sampler {name!r}; expected one of 'random', 'round_robin', 'round_robin_shuffled', "
+        "'greedy', 'colouring'"
+    )

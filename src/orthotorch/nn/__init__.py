@@ -1,0 +1,1 @@
+"""Orthogonal RNN cells and constrained layers. Not implemented yet (a later issue)."""

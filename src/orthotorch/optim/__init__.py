@@ -1,0 +1,1 @@
+"""Stochastic Givens-rotation optimizers (OrthogonalSGD, OrthogonalAdam). Not implemented yet (issue 4)."""
