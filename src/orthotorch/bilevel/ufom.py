@@ -164,19 +164,30 @@ class UFOMController:
         """Record one UFOM evaluation (``info`` from ``hypergradient(..., return_info=True)``)."""
         if not isinstance(info, HypergradInfo):
             raise TypeError(f"`info` must be a HypergradInfo, got {type(info).__name__}")
-        self.n_observed += 1
+        self.n_observed += info.tasks
         if not info.exact_used or info.g_exact is None or info.g_fom is None:
             return
+        g_e, g_f = _leaves(info.g_exact), _leaves(info.g_fom)
+        if info.tasks == 1:
+            self._observe_one(g_e, g_f, info.cost_fom(), info.cost_extra(self.hvp_cost))
+        else:  # stacked over the exact tasks of a vmapped call
+            n = info.exact_tasks
+            cost_f = info.cost_fom() / info.tasks
+            cost_x = info.cost_extra(self.hvp_cost) / max(n, 1)
+            for t in range(n):
+                self._observe_one([e[t] for e in g_e], [f[t] for f in g_f], cost_f, cost_x)
+
+    def _observe_one(
+        self, g_e: list[Tensor], g_f: list[Tensor], cost_f: float, cost_x: float
+    ) -> None:
         self.n_exact += 1
         m = self.momentum
-        g_e, g_f = _leaves(info.g_exact), _leaves(info.g_fom)
         gap = sum(_sq_norm(e - f) for e, f in zip(g_e, g_f))
-        gsq = _sq_norm(info.g_exact)
+        gsq = _sq_norm(g_e)
         flat = [e.detach().double() for e in g_e]
         if self._gap is None:
-            self._gap, self._gsq, self._gmean = gap * (1 - m), gsq * (1 - m), [
-                f * (1 - m) for f in flat
-            ]
+            self._gap, self._gsq = gap * (1 - m), gsq * (1 - m)
+            self._gmean = [f * (1 - m) for f in flat]
         else:
             assert self._gsq is not None and self._gmean is not None
             self._gap = m * self._gap + (1 - m) * gap
@@ -184,11 +195,10 @@ class UFOMController:
             self._gmean = [m * a + (1 - m) * f for a, f in zip(self._gmean, flat)]
         self._w = m * self._w + (1 - m)
         self._w2 = m * m * self._w2 + (1 - m) ** 2
-        self._cost_f = m * self._cost_f + (1 - m) * info.cost_fom()
-        self._cost_x = m * self._cost_x + (1 - m) * info.cost_extra(self.hvp_cost)
+        self._cost_f = m * self._cost_f + (1 - m) * cost_f
+        self._cost_x = m * self._cost_x + (1 - m) * cost_x
         if self.mode == "adaptive" and self.n_exact >= self.min_exact:
-            stats = self.statistics()
-            self._q = optimal_q(**stats, floor=self.floor)
+            self._q = optimal_q(**self.statistics(), floor=self.floor)
 
     def statistics(self) -> dict[str, float]:
         """Current estimates ``cost_fom``, ``cost_extra``, ``variance_exact``, ``gap_sq`` (floats).

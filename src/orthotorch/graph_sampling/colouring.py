@@ -46,7 +46,7 @@ def edge_colouring_classes(graph: Any) -> list[list[tuple[int, int]]]:
     Guarantee: at most ``Δ + 1`` colours, ``Δ`` the maximum degree (Vizing's bound); every edge appears in
     exactly one class and no two edges of a class share a vertex. Cost O(|V|·|E|) in Python.
     """
-    n, edges = _check_graph(graph)
+    _, edges = _check_graph(graph)
     adj: dict[int, set[int]] = {}
     for u, v in edges:
         adj.setdefault(u, set()).add(v)

@@ -11,12 +11,26 @@ from orthotorch.manifolds.givens import (
     rotate_pairs,
     rotate_pairs_,
 )
+from orthotorch.manifolds.stiefel import (
+    METRICS,
+    RETRACTIONS,
+    OrthogonalGroup,
+    SpecialOrthogonalGroup,
+    Stiefel,
+    skew_generator,
+)
 
 __all__ = [
+    "METRICS",
+    "RETRACTIONS",
+    "OrthogonalGroup",
+    "SpecialOrthogonalGroup",
+    "Stiefel",
     "check_matching",
     "givens_matrix",
     "givens_step_",
     "pair_coefficients",
     "rotate_pairs",
     "rotate_pairs_",
+    "skew_generator",
 ]

@@ -1,0 +1,190 @@
+"""Task distributions for meta-learning demos: few-shot digits (scikit-learn's 8×8 set) and sinusoids.
+
+Everything ships with the installed packages: the digits images (1,797 of them, 10 classes) are part of
+scikit-learn (extra ``bilevel``), nothing is downloaded. All sampling takes a ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DigitsFewShot", "SinusoidTasks", "digits_mlp", "sinusoid_mlp"]
+
+
+def _check_gen(generator: object) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
+def _pos_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
+    return value
+
+
+def _load_digits() -> tuple[Tensor, Tensor]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the digits few-shot tasks need scikit-learn: pip install 'orthotorch[bilevel]'"
+        ) from exc
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float64) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    return x, y
+
+
+class DigitsFewShot:
+    """N-way K-shot classification tasks from the 8×8 digits, with disjoint class splits.
+
+    The ten digit classes are split into meta-train classes and meta-test classes (default: 0–4
+    and 5–9); a task picks ``ways`` classes of its split, assigns them labels ``0..ways−1`` in a random
+    order, and draws ``shots`` support and ``queries`` query images per class without replacement.
+    With ``rotations`` (default, the Omniglot recipe), each digit rotated by 0/90/180/270° is its own
+    class, so each split has 20 classes; without it, every 5-way task uses all 5 classes of its split
+    and tasks differ only by the label permutation and the images drawn.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        test_classes: the meta-test digit classes (the rest are meta-train).
+        rotations: make each (digit, quarter-turn) pair a class (4× the classes).
+        dtype: floating dtype of the images.
+        device: where sampled tensors live.
+
+    Images are standardised with the meta-train mean/std (one scalar each), then (rotated and) flattened to 64.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        test_classes: Sequence[int] = (5, 6, 7, 8, 9),
+        rotations: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
+        test = sorted({int(c) for c in test_classes})
+        if not test or any(c < 0 or c > 9 for c in test) or len(test) == 10:
+            raise ValueError(f"`test_classes` must be a proper subset of 0..9, got {test_classes!r}")
+        x, y = _load_digits()
+        train = [c for c in range(10) if c not in test]
+        train_mask = torch.isin(y, torch.tensor(train))
+        mean, std = x[train_mask].mean(), x[train_mask].std()
+        x = (x - mean) / std
+        self.split = split
+        digits = train if split == "train" else test
+        imgs = x.reshape(-1, 8, 8)
+        self.classes = [(c, k) for c in digits for k in (range(4) if rotations else (0,))]
+        self.by_class = [
+            torch.rot90(imgs[y == c], k, dims=(-2, -1)).reshape(-1, 64).to(dtype=dtype, device=device)
+            for c, k in self.classes
+        ]
+        self.dtype, self.device = dtype, device
+
+    def sample(
+        self,
+        n_tasks: int,
+        *,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Draw ``n_tasks`` tasks.
+
+        Returns:
+            ``(xs, ys, xq, yq)``: support images ``(T, ways·shots, 64)``, labels ``(T, ways·shots)``
+            int64, query images ``(T, ways·queries, 64)``, labels ``(T, ways·queries)``.
+        """
+        n_tasks, shots, queries = (_pos_int(n, v) for n, v in
+                                   (("n_tasks", n_tasks), ("shots", shots), ("queries", queries)))
+        _check_gen(generator)
+        if isinstance(ways, bool) or not isinstance(ways, int) or not 2 <= ways <= len(self.classes):
+            raise ValueError(f"`ways` must be an int in [2, {len(self.classes)}] for the "
+                             f"{self.split} split, got {ways!r}")
+        smallest = min(len(c) for c in self.by_class)
+        if shots + queries > smallest:
+            raise ValueError(f"`shots + queries` must be <= {smallest} (images per class), got "
+                             f"{shots + queries}")
+        xs, ys, xq, yq = [], [], [], []
+        for _ in range(n_tasks):
+            chosen = torch.randperm(len(self.classes), generator=generator)[:ways].tolist()
+            s_x, q_x = [], []
+            for c in chosen:
+                imgs = self.by_class[c]
+                perm = torch.randperm(len(imgs), generator=generator)[: shots + queries]
+                perm = perm.to(imgs.device)
+                s_x.append(imgs[perm[:shots]])
+                q_x.append(imgs[perm[shots:]])
+            xs.append(torch.cat(s_x))
+            xq.append(torch.cat(q_x))
+            ys.append(torch.arange(ways).repeat_interleave(shots))
+            yq.append(torch.arange(ways).repeat_interleave(queries))
+        dev = self.by_class[0].device
+        return (torch.stack(xs), torch.stack(ys).to(dev), torch.stack(xq), torch.stack(yq).to(dev))
+
+
+class SinusoidTasks:
+    """Sinusoid regression tasks y = A·sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (MAML).
+
+    Args:
+        dtype: floating dtype; device: where samples live.
+    """
+
+    def __init__(self, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        self.dtype, self.device = dtype, device
+
+    def sample(
+        self, n_tasks: int, *, shots: int = 10, queries: int = 10, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Draw ``n_tasks`` tasks: ``(xs (T, shots, 1), ys (T, shots, 1), xq (T, queries, 1), yq)``."""
+        n_tasks, shots, queries = (_pos_int(n, v) for n, v in
+                                   (("n_tasks", n_tasks), ("shots", shots), ("queries", queries)))
+        _check_gen(generator)
+        kw = dict(generator=generator, dtype=torch.float64)
+        amp = 0.1 + 4.9 * torch.rand(n_tasks, 1, 1, **kw)
+        phase = math.pi * torch.rand(n_tasks, 1, 1, **kw)
+        x = -5.0 + 10.0 * torch.rand(n_tasks, shots + queries, 1, **kw)
+        y = amp * torch.sin(x - phase)
+        x, y = (t.to(dtype=self.dtype, device=self.device) for t in (x, y))
+        return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+
+
+def digits_mlp(
+    hidden: int = 64, ways: int = 5, *, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """``64 → hidden → hidden → ways`` tanh MLP, initialised from ``generator`` (Glorot uniform)."""
+    return _mlp([64, hidden, hidden, ways], nn.Tanh, generator, dtype)
+
+
+def sinusoid_mlp(
+    hidden: int = 40, *, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """``1 → hidden → hidden → 1`` ReLU MLP (the MAML sinusoid model), initialised from ``generator``."""
+    return _mlp([1, hidden, hidden, 1], nn.ReLU, generator, dtype)
+
+
+def _mlp(sizes: list[int], act: type[nn.Module], generator: torch.Generator,
+         dtype: torch.dtype) -> nn.Module:
+    _check_gen(generator)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b, dtype=dtype)
+        bound = math.sqrt(6.0 / (a + b))
+        with torch.no_grad():
+            lin.weight.copy_((torch.rand(b, a, generator=generator, dtype=torch.float64) * 2 - 1)
+                             * bound)
+            lin.bias.zero_()
+        layers.append(lin)
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)

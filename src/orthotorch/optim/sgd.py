@@ -1,0 +1,238 @@
+"""OrthogonalSGD: a drop-in ``torch.optim.SGD`` whose constrained weights move by Givens rotations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim.sgd import sgd as _torch_sgd
+
+from orthotorch.manifolds.givens import givens_step_, pair_coefficients, rotate_pairs_
+from orthotorch.optim._base import GivensOptimizer, _check_number, _ParamInfo
+
+__all__ = ["OrthogonalSGD"]
+
+
+class OrthogonalSGD(GivensOptimizer):
+    r"""Stochastic gradient descent that keeps orthogonal / Stiefel weights exactly on their manifold.
+
+    A drop-in replacement for ``torch.optim.SGD``: unconstrained parameters receive exactly (bit for bit)
+    torch's SGD update; constrained ones move by products of Givens rotations, so ``XᵀX = I`` holds up to
+    float rounding at every step, at a cost of O(n·k) per matching (no n×n matrix on the default path).
+
+    **Which parameters are constrained.** geoopt ``ManifoldParameter``\ s on any ``geoopt.manifolds.Stiefel``
+    subclass (geoopt's EuclideanStiefel/CanonicalStiefel, orthotorch's O(d)/SO(d)/St(n, k)), and plain
+    parameters in a param group with ``manifold="stiefel" | "orthogonal" | "so"``. A weight of shape
+    ``(..., rows, cols)`` is rotated along its longer side: a wide weight (``rows < cols``, e.g.
+    ``nn.Linear(in=d, out=k)`` with ``k < d``) is handled through its transpose ``p.mT``. ``"orthogonal"`` and
+    ``"so"`` require square weights; ``"so"`` also checks ``det > 0`` once. Each constrained weight is
+    probed once at its first step (O(nk)): it must start on the manifold (e.g. ``nn.init.orthogonal_``).
+    Givens rotations have det +1, so a square weight never changes its determinant sign: initialisation
+    picks the component of O(d). Parameters on other geoopt manifolds get the generic Riemannian step
+    (``egrad2rgrad`` + ``retr_transp``, as geoopt's RiemannianSGD); geoopt ``Euclidean`` ones get torch's.
+
+    **The constrained step.** With tall view ``X`` ``(..., n, k)`` and driving direction ``D`` (the gradient,
+    or the momentum buffer), for each of the step's matchings ``M`` (disjoint row pairs): ``W_ij = ⟨d_i, x_j⟩
+    − ⟨x_i, d_j⟩`` for ``(i, j) ∈ M`` (O(k) each) and ``X ← Π_{(i,j)∈M} G_ij(θ_ij) X`` with ``θ_ij = −lr·W_ij``
+    (times ``1/(m·p_ij)`` with ``unbiased=True``, ``p_ij`` the pair's inclusion probability and ``m =
+    matchings_per_step``). This is ``X ← expm(−lr·W_M) X``, which decreases the loss to first order by
+    ``lr·Σ_M W_ij²``. Batched weights share one matching across the batch.
+
+    **Samplers** (``sampler=``; the benchmark in docs/optim.md picks the default):
+
+    - ``"random"``: a uniform random perfect matching, O(n); every pair with probability 1/(n−1).
+    - ``"round_robin"`` / ``"round_robin_shuffled"``: cycle the circle-method 1-factorisation, every pair
+      exactly once per n−1 matchings (shuffled: rows relabelled each cycle). O(n).
+    - ``"greedy"``: greedy max-``|W|`` matching(s) on the dense generator ``W = D Xᵀ − X Dᵀ``: one n×n GEMM
+      (O(n²k) time, O(n²) memory) plus O(n² log n) matching per step. ``matchings_per_step = m`` takes m
+      successive greedy matchings of the same ``|W|`` with used pairs removed. Carries many times more of
+      ``‖W‖²`` per matching than a random one.
+    - ``"colouring"``: a uniformly random colour class of a proper edge colouring of ``graph`` (a
+      ``networkx.Graph`` of allowed row pairs, a group option), probability ``1/C``. Rows off the graph
+      never move.
+    - ``"full"``: all n−1 rounds of the 1-factorisation per step (a deterministic Givens sweep, O(n²k)); the
+      reference that the stochastic samplers approximate. ``matchings_per_step`` must be 1.
+
+    **Momentum** (heavy ball, torch's dampening/Nesterov conventions). The buffer ``B ← μB + (1−τ)G`` lives in
+    the ambient space, drives the rotations (``D = B``, or ``D = G + μB`` with Nesterov) and is *transported*
+    by the same rotations as the weight (``B ← R B``). Transport by the rotation is the differential of the
+    group action, an isometry, and it maps the velocity's generator ``W(X, B)`` to ``R W Rᵀ``: a rotation
+    about the velocity's own generator leaves the velocity unchanged, as inertia should. It costs one extra
+    pass over the buffer per matching. ``weight_decay`` is a no-op on constrained weights (``‖X‖_F² = k`` is
+    constant on the manifold; ``W(X, X) = 0``) and is applied only to the other parameters.
+
+    **Stabilisation.** ``stabilize=N`` re-projects each constrained weight by a sign-corrected QR
+    (O(nk²)) every N of its steps. Without it float32 rounding drifts slowly (figures in docs/optim.md).
+
+    **Randomness and distributed training.** Matchings come from ``generator`` (default: a CPU generator
+    seeded with :data:`~orthotorch.optim.DEFAULT_SEED`, identical on every rank, so data-parallel replicas
+    sample the same pairs without communication). Its state, the step count and the samplers' state are
+    part of :meth:`state_dict`; after ``load_state_dict`` the next step is bit-identical.
+
+    **Non-finite gradients.** ``nonfinite="skip"`` (default) skips the update of a parameter whose gradient
+    has NaN/inf, with a warning, leaving its weight and state untouched; ``"raise"`` raises
+    ``FloatingPointError``; ``"ignore"`` skips the check (saves one reduction and one host sync per group).
+
+    Args:
+        params: parameters or param-group dicts. Group keys: ``manifold``, ``sampler``,
+            ``matchings_per_step``, ``unbiased``, ``stabilize``, ``graph``, ``nonfinite`` and the SGD options.
+        lr: learning rate (≥ 0).
+        momentum: momentum factor μ (≥ 0).
+        dampening: dampening τ for momentum.
+        weight_decay: L2 penalty (unconstrained and Riemannian parameters only).
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening = 0``).
+        maximize: maximise the objective instead.
+        sampler: one of ``"random"``, ``"round_robin"``, ``"round_robin_shuffled"``, ``"greedy"``,
+            ``"colouring"``, ``"full"``.
+        matchings_per_step: m ≥ 1 matchings per step, all driven by the same gradient (each one O(nk) pass).
+        unbiased: scale angles by ``1/(m·p_e)`` so the expected step equals the full step ``−lr·W``.
+        stabilize: re-project every N steps (None: never).
+        generator: ``torch.Generator`` for the matchings (default: fixed seed, see above).
+        graph: allowed-pair graph for ``sampler="colouring"``.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"``.
+        foreach: forwarded to torch's SGD for unconstrained parameters.
+
+    Example::
+
+        opt = OrthogonalSGD([
+            {"params": [rnn.weight_hh], "manifold": "orthogonal"},
+            {"params": rest},
+        ], lr=1e-2, momentum=0.9, sampler="greedy", matchings_per_step=4)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        sampler: str = "random",
+        matchings_per_step: int = 1,
+        unbiased: bool = False,
+        stabilize: int | None = None,
+        generator: torch.Generator | None = None,
+        graph: Any = None,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "fused": None,
+            "differentiable": False,
+            "sampler": sampler,
+            "matchings_per_step": matchings_per_step,
+            "unbiased": unbiased,
+            "stabilize": stabilize,
+            "graph": graph,
+            "nonfinite": nonfinite,
+        }
+        super().__init__(params, defaults, generator)
+
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        super()._validate_group(group, index)
+        where = f"param_groups[{index}]"
+        group["momentum"] = _check_number(f"momentum ({where})", group["momentum"])
+        group["dampening"] = _check_number(
+            f"dampening ({where})", group["dampening"], minimum=-float("inf")
+        )
+        group["weight_decay"] = _check_number(f"weight_decay ({where})", group["weight_decay"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"`nesterov=True` ({where}) requires momentum > 0 and dampening = 0, got "
+                f"momentum={group['momentum']}, dampening={group['dampening']}"
+            )
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _euclidean_update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params]
+        momentum = group["momentum"]
+        bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        _torch_sgd(
+            params,
+            grads,
+            bufs,
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+            has_sparse_grad=any(g.is_sparse for g in grads),
+            foreach=group["foreach"],
+            fused=group["fused"],
+        )
+        if momentum != 0:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+    def _givens_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
+        lr, mu = group["lr"], group["momentum"]
+        state = self.state[p]
+        grad = p.grad
+        if grad.dtype != p.dtype:
+            grad = grad.to(p.dtype)
+        if group["maximize"]:
+            grad = -grad
+        x = self._tall(p.data, info)
+        g = self._tall(grad, info)
+        buf_t = None
+        if mu != 0:
+            buf_p = state.get("momentum_buffer")
+            if buf_p is None:
+                buf_p = torch.clone(grad).detach()
+                state["momentum_buffer"] = buf_p
+            else:
+                buf_p.mul_(mu).add_(grad, alpha=1 - group["dampening"])
+            buf_t = self._tall(buf_p, info)
+        nesterov = group["nesterov"]
+        direction = None
+        if group["sampler"] == "greedy":
+            direction = g if buf_t is None else (g + mu * buf_t if nesterov else buf_t)
+        for i, j, scale in self._matchings(info, group, x, direction):
+            if buf_t is None:
+                givens_step_(x, g, i, j, lr, scale=scale)
+                continue
+            if nesterov:
+                w = pair_coefficients(x, g, i, j) + mu * pair_coefficients(x, buf_t, i, j)
+                theta = -lr * w if scale is None else -lr * w * scale.to(w.dtype)
+                rotate_pairs_(x, i, j, theta)
+            else:
+                w = givens_step_(x, buf_t, i, j, lr, scale=scale)
+                theta = -lr * w if scale is None else -lr * w * scale.to(w.dtype)
+            rotate_pairs_(buf_t, i, j, theta)
+
+    def _riemannian_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        manifold = p.manifold
+        lr, mu = group["lr"], group["momentum"]
+        state = self.state[p]
+        grad = p.grad
+        if group["maximize"]:
+            grad = -grad
+        if group["weight_decay"] != 0:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        rgrad = manifold.egrad2rgrad(p.data, grad)
+        if mu == 0:
+            p.data.copy_(manifold.retr(p.data, -lr * rgrad))
+            return
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = torch.clone(rgrad).detach()
+            state["momentum_buffer"] = buf
+        else:
+            buf.mul_(mu).add_(rgrad, alpha=1 - group["dampening"])
+        direction = rgrad.add(buf, alpha=mu) if group["nesterov"] else buf
+        new_p, new_buf = manifold.retr_transp(p.data, -lr * direction, buf)
+        p.data.copy_(new_p)
+        buf.copy_(new_buf)
