@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (  # noqa: E402
+from _harness import (
     DOCS,
     env_header,
     fmt,
@@ -34,8 +34,7 @@ from _harness import (  # noqa: E402
     peak_rss_mb,
     write_doc,
 )
-
-from orthotorch.attention import FeatureMap, favor_attention, softmax_attention  # noqa: E402
+from orthotorch.attention import FeatureMap, favor_attention, softmax_attention
 
 D = 64
 PROJ = {"iid": "gaussian", "orthogonal": "orthogonal", "givens": "givens"}
@@ -90,9 +89,18 @@ _RUN = {
 }
 
 
+_BASE: dict[int, float] = {}
+
+
 def extra_mb(length, run, **fmtargs):
-    """Peak RSS of ``run`` minus that of a process holding the same inputs, output and gradients."""
-    base = peak_rss_mb(_SETUP.format(L=length) + _RUN["base"])["peak_rss_mb"]
+    """Peak RSS of ``run`` minus that of a process holding the same inputs, output and gradients.
+
+    Linux carries a parent's peak RSS into ``ru_maxrss`` of a forked child, so every memory point is
+    measured before this process allocates anything large (see :func:`memory_points`).
+    """
+    if length not in _BASE:
+        _BASE[length] = peak_rss_mb(_SETUP.format(L=length) + _RUN["base"])["peak_rss_mb"]
+    base = _BASE[length]
     code = _SETUP.format(L=length) + _RUN[run].format(**fmtargs)
     return peak_rss_mb(code)["peak_rss_mb"] - base
 
@@ -109,20 +117,31 @@ def fwd_bwd_time(length, fn, repeats):
     return median_time(step, repeats=repeats, warmup=1, min_time=0.0)
 
 
-def speed_table(lengths, repeats, sdpa_max):
+def memory_points(lengths, sdpa_max, causal_lengths, naive_max, chunk):
+    """All memory measurements (fresh processes), taken while this process is still small."""
+    mem = {}
+    for length in lengths:
+        mem[("sdpa", length)] = extra_mb(length, "sdpa") if length <= sdpa_max else float("nan")
+        mem[("favor", length)] = extra_mb(length, "favor", causal=False, impl="slim", chunk=chunk)
+    for length in causal_lengths:
+        for impl in ("slim", "chunked", "prefix"):
+            if impl == "prefix" and length > naive_max:
+                continue
+            mem[(impl, length)] = extra_mb(length, "favor", causal=True, impl=impl, chunk=chunk)
+    return mem
+
+
+def speed_table(lengths, repeats, sdpa_max, mem):
     fmap = FeatureMap(D, 256)
     rows, raw = [], []
     for length in lengths:
         reps = repeats if length <= 4096 else 1
         t_f = fwd_bwd_time(length, lambda q, k, v: favor_attention(q, k, v, features=fmap), reps)
         if length <= sdpa_max:
-            t_s = fwd_bwd_time(
-                length, torch.nn.functional.scaled_dot_product_attention, reps
-            )
-            m_s = extra_mb(length, "sdpa")
+            t_s = fwd_bwd_time(length, torch.nn.functional.scaled_dot_product_attention, reps)
         else:
-            t_s = m_s = float("nan")
-        m_f = extra_mb(length, "favor", causal=False, impl="slim", chunk=256)
+            t_s = float("nan")
+        m_s, m_f = mem[("sdpa", length)], mem[("favor", length)]
         raw.append((length, t_s, t_f, m_s, m_f))
         rows.append(
             [length, t_s * 1e3, t_f * 1e3, t_s / t_f if t_s == t_s else float("nan"), m_s, m_f]
@@ -132,7 +151,7 @@ def speed_table(lengths, repeats, sdpa_max):
 
 
 # ---------------------------------------------------------------------------- 3. causal / SLiM
-def causal_table(lengths, naive_max, chunk, repeats):
+def causal_table(lengths, naive_max, chunk, repeats, mem_points):
     fmap = FeatureMap(D, 256)
     rows, raw = [], []
     for length in lengths:
@@ -150,7 +169,7 @@ def causal_table(lengths, naive_max, chunk, repeats):
                 )
 
             t = fwd_bwd_time(length, fn, reps)
-            mem = extra_mb(length, "favor", causal=True, impl=impl, chunk=chunk)
+            mem = mem_points[(impl, length)]
             row += [mem, t / length * 1e6]
             entry[impl] = (mem, t / length * 1e6)
         rows.append(row)
@@ -177,8 +196,13 @@ def plots(err, ms, regimes, speed_raw, causal_raw):
     for ax, r in zip(axes, regimes):
         for kind, ls in (("positive", "-"), ("hyperbolic", "--")):
             for name in PROJ:
-                ax.loglog(ms, [err[(r, kind, name, m)] for m in ms], ls, marker="o",
-                          label=f"{kind}/{name}")
+                ax.loglog(
+                    ms,
+                    [err[(r, kind, name, m)] for m in ms],
+                    ls,
+                    marker="o",
+                    label=f"{kind}/{name}",
+                )
         ax.set_title(f"r = ‖q‖²/√d = {r}")
         ax.set_xlabel("m (features)")
         ax.set_ylabel("relative MSE vs softmax")
@@ -214,36 +238,45 @@ def main() -> int:
     t0 = time.perf_counter()
     if args.quick:
         ms, seeds, err_len = [16, 64, 256], 3, 512
-        lengths, sdpa_max, repeats = [1024, 2048, 4096], 4096, 3
-        causal_lengths, naive_max = [1024, 2048, 4096], 2048
+        lengths, sdpa_max, repeats = [1024, 4096], 4096, 2
+        causal_lengths, naive_max = [2048, 8192], 2048
     else:
         ms, seeds, err_len = [16, 32, 64, 128, 256, 512], 8, 1024
         lengths, sdpa_max, repeats = [1024, 4096, 16384, 65536], 65536, 5
         causal_lengths, naive_max = [4096, 16384, 65536], 8192
     regimes = [0.25, 1.0, 8.0]
 
+    mem = memory_points(lengths, sdpa_max, causal_lengths, naive_max, 256)
+    print("memory done", f"{time.perf_counter() - t0:.0f}s", flush=True)
     err, uniform = error_table(ms, regimes, seeds, err_len)
     print("error done", f"{time.perf_counter() - t0:.0f}s", flush=True)
     err_rows = []
     for r in regimes:
         for kind in ("positive", "hyperbolic"):
             for name in PROJ:
-                err_rows.append([r, kind, name] + [err[(r, kind, name, m)] for m in ms]
-                                + [uniform[r]])
-    t1 = markdown_table(["r", "features", "projection"] + [f"m={m}" for m in ms] + ["uniform"],
-                        err_rows)
+                err_rows.append(
+                    [r, kind, name] + [err[(r, kind, name, m)] for m in ms] + [uniform[r]]
+                )
+    t1 = markdown_table(
+        ["r", "features", "projection"] + [f"m={m}" for m in ms] + ["uniform"], err_rows
+    )
     mref = 256
     ratio_rows = [
-        [r, kind, err[(r, kind, "orthogonal", mref)] / err[(r, kind, "iid", mref)],
-         err[(r, kind, "givens", mref)] / err[(r, kind, "iid", mref)]]
-        for r in regimes for kind in ("positive", "hyperbolic")
+        [
+            r,
+            kind,
+            err[(r, kind, "orthogonal", mref)] / err[(r, kind, "iid", mref)],
+            err[(r, kind, "givens", mref)] / err[(r, kind, "iid", mref)],
+        ]
+        for r in regimes
+        for kind in ("positive", "hyperbolic")
     ]
     t1b = markdown_table(["r", "features", "orthogonal / iid", "givens / iid"], ratio_rows)
     print(t1, "\n", t1b, flush=True)
 
-    t2, speed_raw = speed_table(lengths, repeats, sdpa_max)
+    t2, speed_raw = speed_table(lengths, repeats, sdpa_max, mem)
     print(t2, flush=True)
-    t3, causal_raw = causal_table(causal_lengths, naive_max, 256, repeats)
+    t3, causal_raw = causal_table(causal_lengths, naive_max, 256, repeats, mem)
     print(t3, flush=True)
     slim_mem = [e["slim"][0] for e in causal_raw]
     growth = (slim_mem[-1] - slim_mem[0]) / max(slim_mem[0], 1e-9)

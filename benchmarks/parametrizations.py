@@ -3,8 +3,9 @@
 For every method and size: a layer whose weight is parametrized, the weight materialised and
 back-propagated with the same fixed random loss gradient ``G`` (``w = layer.weight; w.backward(G)``).
 Competitors: ``torch.nn.utils.parametrizations.orthogonal`` (``matrix_exp``, ``cayley``,
-``householder``) and ``geotorch.orthogonal``. Times are medians of repeats in the same run; ratios are
-against our T-CWY (= CWY for square weights). Cases whose predicted single run exceeds the per-case
+``householder``) and ``geotorch.orthogonal``. Times are medians of samples taken in turn across the
+methods of one size (so load bursts on a shared machine hit all alike); ratios are against our T-CWY
+(= CWY for square weights), from the same run. Cases whose predicted single run exceeds the per-case
 budget (extrapolated from the previous size of the same method) are printed as "skipped (> budget)".
 A second table compares our analytic backward with autograd through the same operations; a third
 gives the peak extra resident memory of one forward+backward in a fresh process.
@@ -16,6 +17,7 @@ gives the peak extra resident memory of one forward+backward in a fresh process.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -74,24 +76,44 @@ def fwd_bwd(layer: nn.Module, g: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def timed(fn: Callable[[], object], budget: float) -> tuple[float, int]:
-    """(median seconds, runs): one timed call first; up to 5 more if they fit in ``budget``."""
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds of one call (also the warm-up)."""
     t0 = time.perf_counter()
     fn()
-    first = time.perf_counter() - t0
-    if first * 2 > budget:
-        return first, 1
-    repeats = int(max(1, min(5, budget / (2 * first) - 1)))
-    return median_time(fn, repeats=repeats, warmup=0, min_time=0.0), repeats
+    return time.perf_counter() - t0
 
 
-def cost_exponent(method: str, tall: bool) -> float:
-    """How the time of ``method`` grows with n (for the skip prediction)."""
-    if method == "ours tcwy" and tall:
-        return 1.0
-    if method in ("ours cwy", "ours givens") and tall:
-        return 2.0
-    return 3.0
+def interleaved(
+    fns: dict[str, Callable[[], object]], firsts: dict[str, float], budget: float
+) -> dict[str, tuple[float, int]]:
+    """Median seconds and sample count per function, sampling the functions in turn.
+
+    Round-robin sampling makes a burst of load on the shared machine hit every method alike, so the
+    ratios stay meaningful even when absolute times are noisy. Each sample is
+    ``median_time(fn, repeats=1, min_time=0.02)``; a method gets up to 7 samples within ``budget``
+    (methods whose first call alone took more than half the budget keep that single timing).
+    """
+    reps = {m: int(min(7, budget / (2 * max(t, 0.02)))) for m, t in firsts.items()}
+    samples: dict[str, list[float]] = {m: [] for m in fns}
+    for r in range(max(reps.values(), default=0)):
+        for m, fn in fns.items():
+            if r < reps[m]:
+                samples[m].append(median_time(fn, repeats=1, warmup=0, min_time=0.02))
+    return {m: (statistics.median(v), len(v)) if v else (firsts[m], 1) for m, v in samples.items()}
+
+
+def predicted(method: str, prev: tuple[int, int, float], n: int, k: int) -> float:
+    """Extrapolate the time of ``method`` at (n, k) from its time at a previous size (n0, k0)."""
+    n0, k0, t0 = prev
+    if n == k:  # square: every method is cubic in d
+        return t0 * (n / n0) ** 3
+    a, b = {
+        "ours tcwy": (1, 2),  # O(nk²)
+        "ours cwy": (2, 1),  # O(n²k)
+        "ours givens": (2, 1),  # n−1 rounds of O(nk)
+        "torch householder": (1, 2),  # O(nk²), sequential
+    }.get(method, (3, 0))  # matrix_exp / cayley / geotorch inflate to n×n: O(n³)
+    return t0 * (n / n0) ** a * (k / k0) ** b
 
 
 def autograd_cwy(v: torch.Tensor, m: int) -> torch.Tensor:
@@ -161,26 +183,29 @@ def main() -> None:
     header = env_header()
     print(header)
     times: dict[tuple[str, int, int], float | None] = {}
-    last: dict[tuple[str, bool], tuple[int, float]] = {}
+    last: dict[tuple[str, bool], tuple[int, int, float]] = {}
     for n, k in cases:
         tall = n != k
         g = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+        fns: dict[str, Callable[[], None]] = {}
+        firsts: dict[str, float] = {}
         for method in METHODS:
             if method == "ours cwy" and not tall:
                 continue  # identical to tcwy for square weights
             prev = last.get((method, tall))
             if prev is not None:
-                predicted = prev[1] * (n / prev[0]) ** cost_exponent(method, tall)
-                if predicted > budget:
+                guess = predicted(method, prev, n, k)
+                if guess > budget:
                     times[(method, n, k)] = None
-                    print(f"{n}x{k} {method:18s} skipped (> budget, predicted {predicted:.1f} s)")
+                    print(f"{n}x{k} {method:18s} skipped (> budget, predicted {guess:.1f} s)")
                     continue
-            layer = build(method, n, k)
-            t, runs = timed(fwd_bwd(layer, g), budget)
+            fns[method] = fwd_bwd(build(method, n, k), g)
+            firsts[method] = timed(fns[method])
+        for method, (t, runs) in interleaved(fns, firsts, budget).items():
             times[(method, n, k)] = t
-            last[(method, tall)] = (n, t)
-            print(f"{n}x{k} {method:18s} {t * 1e3:10.2f} ms  ({runs} runs)", flush=True)
-            del layer
+            last[(method, tall)] = (n, k, t)
+            print(f"{n}x{k} {method:18s} {t * 1e3:10.2f} ms  ({runs} samples)", flush=True)
+        del fns
 
     def cell(method: str, n: int, k: int) -> str:
         t = times.get((method, n, k), "n/a")
@@ -212,8 +237,9 @@ def main() -> None:
             v.grad = None
             autograd_cwy(v, m).backward(g)
 
-        t_ours, _ = timed(ours, budget)
-        t_ref, _ = timed(ref, budget)
+        pair = {"ours": ours, "ref": ref}
+        res = interleaved(pair, {name: timed(f) for name, f in pair.items()}, budget)
+        t_ours, t_ref = res["ours"][0], res["ref"][0]
         rows2.append([f"{n}×{k}", t_ours * 1e3, t_ref * 1e3, t_ref / t_ours])
         print(f"{n}x{k} analytic {t_ours * 1e3:.2f} ms, autograd {t_ref * 1e3:.2f} ms", flush=True)
     table2 = markdown_table(

@@ -122,10 +122,8 @@ def test_softmax_features_are_unbiased_monte_carlo(kind):
     fmap = FeatureMap(d, m, kind=kind, projection="gaussian", seed=1).double()
     # per-sample terms of the estimator (φ(x)ᵀφ(y) is their mean over the m directions)
     px, py = fmap(x), fmap(y)
-    if kind == "positive":
-        terms = m * px * py
-    else:  # paired features: combine the two halves of each direction
-        terms = m * (px[:m] * py[:m] + px[m:] * py[m:])
+    # paired kinds: the two halves of each direction form one sample
+    terms = m * px * py if kind == "positive" else m * (px[:m] * py[:m] + px[m:] * py[m:])
     est, se = terms.mean(), terms.std() / math.sqrt(m)
     assert torch.allclose(est, (px * py).sum())
     assert abs(float(est) - math.exp(float(x @ y))) < 4 * float(se)
@@ -164,7 +162,11 @@ def _mean_err(q, k, v, exact, *, m, kind, projection, seeds):
 
 
 def test_error_falls_as_num_features_grows():
-    q, k, v = rand(2, 2, 64, 16, scale=0.5), rand(2, 2, 64, 16, scale=0.5, seed=1), rand(2, 2, 64, 8, seed=2)
+    q, k, v = (
+        rand(2, 2, 64, 16, scale=0.5),
+        rand(2, 2, 64, 16, scale=0.5, seed=1),
+        rand(2, 2, 64, 8, seed=2),
+    )
     exact = softmax_attention(q, k, v)
     errs = [
         _mean_err(q, k, v, exact, m=m, kind="positive", projection="orthogonal", seeds=6)
@@ -176,7 +178,11 @@ def test_error_falls_as_num_features_grows():
 
 @pytest.mark.parametrize(("kind", "ratio"), [("positive", 0.9), ("hyperbolic", 0.8)])
 def test_orthogonal_features_beat_iid(kind, ratio):
-    q, k, v = rand(2, 2, 64, 16, scale=0.5), rand(2, 2, 64, 16, scale=0.5, seed=1), rand(2, 2, 64, 8, seed=2)
+    q, k, v = (
+        rand(2, 2, 64, 16, scale=0.5),
+        rand(2, 2, 64, 16, scale=0.5, seed=1),
+        rand(2, 2, 64, 8, seed=2),
+    )
     exact = softmax_attention(q, k, v)
     iid = _mean_err(q, k, v, exact, m=16, kind=kind, projection="gaussian", seeds=16)
     orth = _mean_err(q, k, v, exact, m=16, kind=kind, projection="orthogonal", seeds=16)
@@ -197,7 +203,9 @@ def test_causal_equals_masked_quadratic(implementation, dtype, tol):
     out = favor_attention(
         q, k, v, causal=True, features=fmap, chunk_size=16, implementation=implementation
     )
-    ref = quadratic_reference(fmap.to(torch.float64), q.double(), k.double(), v.double(), causal=True)
+    ref = quadratic_reference(
+        fmap.to(torch.float64), q.double(), k.double(), v.double(), causal=True
+    )
     assert out.dtype == dtype
     assert float((out.double() - ref).abs().max()) <= tol
 
@@ -219,7 +227,9 @@ def test_slim_gradients_equal_autograd_through_naive_prefix(chunk):
     grads = {}
     for impl in ("slim", "prefix"):
         ts = [t.clone().requires_grad_() for t in base]
-        out = favor_attention(*ts, causal=True, features=fmap, chunk_size=chunk, implementation=impl)
+        out = favor_attention(
+            *ts, causal=True, features=fmap, chunk_size=chunk, implementation=impl
+        )
         (out * w).sum().backward()
         grads[impl] = [t.grad for t in ts]
     # independent reference: autograd through the explicit masked quadratic form
@@ -259,18 +269,32 @@ def test_slim_state_in_and_out_gradients():
     def run(impl):
         ts = [t.clone().requires_grad_() for t in (q, k, v)]
         o1, st = favor_attention(
-            ts[0][..., :23, :], ts[1][..., :23, :], ts[2][..., :23, :], causal=True,
-            features=fmap, chunk_size=6, implementation=impl, return_state=True,
+            ts[0][..., :23, :],
+            ts[1][..., :23, :],
+            ts[2][..., :23, :],
+            causal=True,
+            features=fmap,
+            chunk_size=6,
+            implementation=impl,
+            return_state=True,
         )
         o2, st2 = favor_attention(
-            ts[0][..., 23:, :], ts[1][..., 23:, :], ts[2][..., 23:, :], causal=True,
-            features=fmap, chunk_size=6, implementation=impl, state=st, return_state=True,
+            ts[0][..., 23:, :],
+            ts[1][..., 23:, :],
+            ts[2][..., 23:, :],
+            causal=True,
+            features=fmap,
+            chunk_size=6,
+            implementation=impl,
+            state=st,
+            return_state=True,
         )
         (o1.sin().sum() + o2.cos().sum() + st2.kv.sum() * 1e-3).backward()
         return torch.cat([o1, o2], -2).detach(), [t.grad for t in ts]
 
     out_s, g_s = run("slim")
     out_c, g_c = run("chunked")
+    assert torch.allclose(out_c, out_s, atol=1e-12)
     full = favor_attention(q, k, v, causal=True, features=fmap)
     assert torch.allclose(out_s, full, atol=1e-12)
     for a, b in zip(g_s, g_c):
@@ -293,8 +317,11 @@ def test_key_padding_removes_keys_from_numerator_and_normaliser(causal):
     ref = favor_attention(q[:1, :, :9], k[:1, :, :9], v[:1, :, :9], features=fmap, causal=causal)
     assert torch.allclose(out[0, :, :9], ref[0], atol=1e-12)
     if not causal:
-        assert torch.allclose(out[0, :, 9:], favor_attention(
-            q[:1, :, 9:], k[:1, :, :9], v[:1, :, :9], features=fmap)[0], atol=1e-12)
+        assert torch.allclose(
+            out[0, :, 9:],
+            favor_attention(q[:1, :, 9:], k[:1, :, :9], v[:1, :, :9], features=fmap)[0],
+            atol=1e-12,
+        )
     valid = ~mask[:, None, :].expand(2, 2, 12)
     assert torch.allclose(
         out[1], quadratic_reference(fmap, q, k, v, causal=causal, valid=valid)[1], atol=1e-12
@@ -311,8 +338,10 @@ def test_all_keys_padded_gives_zeros_not_nan():
 
 def test_causal_does_not_see_the_future():
     fmap = FeatureMap(16, 32, seed=1)
-    q, k, v = rand(1, 2, 64, 16, dtype=torch.float32), rand(1, 2, 64, 16, dtype=torch.float32, seed=1), rand(
-        1, 2, 64, 4, dtype=torch.float32, seed=2
+    q, k, v = (
+        rand(1, 2, 64, 16, dtype=torch.float32),
+        rand(1, 2, 64, 16, dtype=torch.float32, seed=1),
+        rand(1, 2, 64, 4, dtype=torch.float32, seed=2),
     )
     out = favor_attention(q, k, v, causal=True, features=fmap, chunk_size=16)
     k2, v2 = k.clone(), v.clone()
@@ -328,8 +357,9 @@ def test_incremental_decoding_matches_full_causal_forward():
     full = favor_attention(q, k, v, causal=True, features=fmap, chunk_size=8)
     state, outs = None, []
     for t in range(20):
-        o, state = favor_decode_step(q[..., t : t + 1, :], k[..., t : t + 1, :], v[..., t : t + 1, :],
-                                     state, features=fmap)
+        o, state = favor_decode_step(
+            q[..., t : t + 1, :], k[..., t : t + 1, :], v[..., t : t + 1, :], state, features=fmap
+        )
         outs.append(o)
     assert torch.allclose(torch.cat(outs, -2), full, atol=1e-12)
     assert state.kv.shape == (2, 2, 16, 4)  # O(M·dv) state, independent of the prefix length
@@ -350,7 +380,11 @@ def test_no_overflow_up_to_ten_sqrt_d_in_float32(norm, causal):
     qk, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
     out = favor_attention(qk, kk, v, causal=causal, features=fmap)
     out.sum().backward()
-    assert torch.isfinite(out).all() and torch.isfinite(qk.grad).all() and torch.isfinite(kk.grad).all()
+    assert (
+        torch.isfinite(out).all()
+        and torch.isfinite(qk.grad).all()
+        and torch.isfinite(kk.grad).all()
+    )
     ref = favor_attention(q.double(), k.double(), v.double(), causal=causal, features=fmap.double())
     assert rel_err(out.double(), ref) < 1e-4
 
@@ -358,14 +392,17 @@ def test_no_overflow_up_to_ten_sqrt_d_in_float32(norm, causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_half_precision_inputs_accumulate_in_float32(dtype, causal):
-    q, k, v = rand(1, 2, 300, 16, dtype=torch.float32), rand(1, 2, 300, 16, dtype=torch.float32, seed=1), rand(
-        1, 2, 300, 8, dtype=torch.float32, seed=2
+    q, k, v = (
+        rand(1, 2, 300, 16, dtype=torch.float32),
+        rand(1, 2, 300, 16, dtype=torch.float32, seed=1),
+        rand(1, 2, 300, 8, dtype=torch.float32, seed=2),
     )
     fmap = FeatureMap(16, 32, seed=0)
     out = favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, features=fmap)
     assert out.dtype == dtype
-    ref = favor_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(),
-                          causal=causal, features=fmap)
+    ref = favor_attention(
+        q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), causal=causal, features=fmap
+    )
     assert torch.isfinite(out.float()).all()
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2  # one rounding of the output
     assert float((out.float() - ref).abs().max()) <= tol * float(ref.abs().max())

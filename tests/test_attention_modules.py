@@ -163,7 +163,15 @@ def test_cli_registers_and_trains_a_tiny_model():
     args = parser.parse_args(["attention", "--steps", "3", "--quiet"])
     assert callable(args.func) and args.steps == 3
     losses = cli.train_char_lm(
-        steps=40, seq_len=32, batch_size=4, dim=32, depth=1, heads=2, num_features=16,
-        lr=1e-2, progress=False, slice_len=16,
+        steps=40,
+        seq_len=32,
+        batch_size=4,
+        dim=32,
+        depth=1,
+        heads=2,
+        num_features=16,
+        lr=1e-2,
+        progress=False,
+        slice_len=16,
     )
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5

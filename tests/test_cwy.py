@@ -193,3 +193,26 @@ def test_wrong_dtype_raises_type_error():
         cwy(torch.ones(3, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match="`U`"):
         cwy([[1.0]])  # type: ignore[arg-type]
+
+
+def test_large_L_uses_blocked_triangle_products_and_stays_exact():
+    # L >= 256 exercises the row-blocked triu products in forward and backward
+    U = torch.randn(300, 260, dtype=torch.float64)
+    q = tcwy(U)
+    assert (q - householder_product(U, 260)).abs().max() <= 1e-12
+    u_ref = U.clone().requires_grad_(True)
+    G = torch.randn(300, 260, dtype=torch.float64)
+    un = u_ref / torch.linalg.vector_norm(u_ref, dim=-2, keepdim=True)
+    s = torch.triu(un.mT @ un, diagonal=1) + 0.5 * torch.eye(260, dtype=U.dtype)
+    y = torch.linalg.solve_triangular(s, un[:260].mT, upper=True)
+    ((torch.eye(300, 260, dtype=U.dtype) - un @ y) * G).sum().backward()
+    u = U.clone().requires_grad_(True)
+    tcwy(u).backward(G)
+    assert (u.grad - u_ref.grad).abs().max() <= 1e-10 * u_ref.grad.abs().max()
+
+
+def test_reference_householder_product_rejects_zero_columns_and_bad_m():
+    with pytest.raises(ValueError, match="column 1"):
+        householder_product(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match="`m`"):
+        householder_product(torch.randn(3, 2), 4)

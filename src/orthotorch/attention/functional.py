@@ -115,15 +115,12 @@ def _check_inputs(
     return q, k, v, valid
 
 
-def _scale_qk(
-    q: torch.Tensor, k: torch.Tensor, scale: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    d = q.shape[-1]
+def _check_scale(d: int, scale: float | None) -> float:
+    """The softmax temperature: ``1/√d`` by default; must be a positive finite number."""
     s = (1.0 / math.sqrt(d)) if scale is None else float(scale)
-    if not s > 0:
-        raise ValueError(f"`scale` must be > 0, got {scale!r}")
-    r = math.sqrt(s)
-    return q * r, k * r
+    if not (s > 0 and math.isfinite(s)):
+        raise ValueError(f"`scale` must be a positive finite number, got {scale!r}")
+    return s
 
 
 def _bidirectional(
@@ -263,19 +260,25 @@ class _SlimFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, kv0, max0, valid, fmap, chunk):  # type: ignore[override]
+    def forward(ctx, q, k, v, kv0, max0, valid, fmap, chunk, root):  # type: ignore[override]
+        # q, k arrive unscaled: scaling chunk by chunk avoids L-sized copies (``root`` = √scale)
         length = q.shape[-2]
         state = FavorState(kv0.detach(), max0.detach())
-        outs = []
+        result = torch.empty(*q.shape[:-1], v.shape[-1], dtype=v.dtype, device=v.device)
         maxes = [state.max_]
         ckpt: dict[int, torch.Tensor] = {}
         amp = 1.0
         spans = _slices(length, chunk)
         for idx, (a, b) in enumerate(spans):
             out, new = _causal_chunk(
-                fmap, q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], _sub(valid, a, b, -1), state
+                fmap,
+                q[..., a:b, :] * root,
+                k[..., a:b, :] * root,
+                v[..., a:b, :],
+                _sub(valid, a, b, -1),
+                state,
             )
-            outs.append(_safe_div(out[..., :-1], out[..., -1:]))
+            result[..., a:b, :] = _safe_div(out[..., :-1], out[..., -1:])
             carried = (state.kv * _decay(state.max_, new.max_)[..., None, None]).flatten(-2)
             ratio = new.kv.flatten(-2).norm(dim=-1) / carried.norm(dim=-1)
             ratio = torch.where(torch.isnan(ratio), torch.ones_like(ratio), ratio)
@@ -285,14 +288,13 @@ class _SlimFunction(torch.autograd.Function):
                 amp = 1.0
             state = new
             maxes.append(state.max_)
-        ctx.fmap, ctx.chunk, ctx.spans, ctx.ckpt = fmap, chunk, spans, ckpt
+        ctx.fmap, ctx.chunk, ctx.spans, ctx.ckpt, ctx.root = fmap, chunk, spans, ckpt, root
         ctx.maxes = maxes
         ctx.kv0 = kv0.detach()
         ctx.has_valid = valid is not None
         ctx.save_for_backward(q, k, v, state.kv, valid if valid is not None else q.new_empty(0))
-        out = torch.cat(outs, dim=-2) if outs else v.new_zeros(v.shape)
         ctx.mark_non_differentiable(state.max_)
-        return out, state.kv, state.max_
+        return result, state.kv, state.max_
 
     @staticmethod
     def backward(ctx, g_out, g_kv, _g_max):  # type: ignore[override]
@@ -311,7 +313,7 @@ class _SlimFunction(torch.autograd.Function):
                 kc = k[..., a:b, :].detach().requires_grad_()
                 vc = v[..., a:b, :].detach().requires_grad_()
                 fk, run_safe, run, v_aug, delta, decay, _ = _chunk_keys(
-                    fmap, kc, vc, _sub(valid, a, b, -1), max_prev
+                    fmap, kc * ctx.root, vc, _sub(valid, a, b, -1), max_prev
                 )
                 with torch.no_grad():
                     if idx in ctx.ckpt:
@@ -325,7 +327,9 @@ class _SlimFunction(torch.autograd.Function):
                         )
                         kv_prev = torch.where(dd > 0, rebuilt, torch.zeros_like(rebuilt))
                 kv_leaf = kv_prev.detach().requires_grad_()
-                out = _chunk_queries(fmap, qc, fk, run_safe, run, v_aug, kv_leaf, max_prev)
+                out = _chunk_queries(
+                    fmap, qc * ctx.root, fk, run_safe, run, v_aug, kv_leaf, max_prev
+                )
                 y = _safe_div(out[..., :-1], out[..., -1:])
                 kv_new = kv_leaf * decay[..., None, None] + delta.to(torch.float64)
                 gq_c, gk_c, gv_c, g_prev = torch.autograd.grad(
@@ -342,7 +346,7 @@ class _SlimFunction(torch.autograd.Function):
                 gv[..., a:b, :] = gv_c
             g_kv = g_prev if g_prev is not None else torch.zeros_like(kv)
             kv = kv_prev
-        return gq, gk, gv, g_kv, None, None, None, None
+        return gq, gk, gv, g_kv, None, None, None, None, None
 
 
 def _decay(max_prev: torch.Tensor, max_new: torch.Tensor) -> torch.Tensor:
@@ -451,11 +455,11 @@ def favor_attention(
     out_dtype = q.dtype
     cd = _compute_dtype(q.dtype)
     q, k, v = q.to(cd), k.to(cd), v.to(cd)
-    q, k = _scale_qk(q, k, scale)
+    root = math.sqrt(_check_scale(q.shape[-1], scale))
     if not causal:
         if state is not None or return_state:
             raise ValueError("`state`/`return_state` are only meaningful with causal=True")
-        return _bidirectional(features, q, k, v, valid).to(out_dtype)
+        return _bidirectional(features, q * root, k * root, v, valid).to(out_dtype)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(
             f"causal attention needs Lq == Lk, got q {tuple(q.shape)} and k {tuple(k.shape)}"
@@ -465,17 +469,17 @@ def favor_attention(
             raise ValueError(
                 "implementation='prefix' does not carry a state; use 'slim' or 'chunked'"
             )
-        return _prefix_causal(features, q, k, v, valid).to(out_dtype)
+        return _prefix_causal(features, q * root, k * root, v, valid).to(out_dtype)
     lead = q.shape[:-2]
     if state is None:
         state = init_state(lead, features.feature_dim, v.shape[-1], device=q.device)
     else:
         _check_state(state, lead, features.feature_dim, v.shape[-1])
     if implementation == "chunked":
-        out, final = _autograd_causal(features, q, k, v, valid, state, chunk_size)
+        out, final = _autograd_causal(features, q * root, k * root, v, valid, state, chunk_size)
     else:
         out, kv, mx = _SlimFunction.apply(
-            q, k, v, state.kv, state.max_, valid, features, chunk_size
+            q, k, v, state.kv, state.max_, valid, features, chunk_size, root
         )
         final = FavorState(kv, mx)
     out = out.to(out_dtype)
@@ -581,8 +585,7 @@ def rebuild_state(
         state_out: state after the slice. max_in: ``(...,)`` running maximum before the slice.
     """
     cd = _compute_dtype(k.dtype)
-    d = k.shape[-1]
-    s = (1.0 / math.sqrt(d)) if scale is None else float(scale)
+    s = _check_scale(k.shape[-1], scale)
     k, v = k.to(cd) * math.sqrt(s), v.to(cd)
     acc = FavorState(torch.zeros_like(state_out.kv), max_in)
     for a, b in _slices(k.shape[-2], chunk_size):

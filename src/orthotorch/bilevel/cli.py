@@ -33,12 +33,20 @@ def results_table(results: list[Any], metric: str) -> str:
     """Markdown table of :class:`~orthotorch.bilevel.experiments.RunResult` rows."""
     ref = results[0].cost or 1.0
     rows = [
-        [r.label, r.iterations, f"{r.cost:.3g}", f"{100 * r.cost / ref:.0f}%", f"{r.wall_s:.1f}",
-         f"{r.metric:.2f} ± {r.ci:.2f}", "–" if r.q is None else f"{r.q:.3g}"]
+        [
+            r.label,
+            r.iterations,
+            f"{r.cost:.3g}",
+            f"{100 * r.cost / ref:.0f}%",
+            f"{r.wall_s:.1f}",
+            f"{r.metric:.2f} ± {r.ci:.2f}",
+            "–" if r.q is None else f"{r.q:.3g}",
+        ]
         for r in results
     ]
-    return _table(["method", "meta-iters", "compute (grad evals)", "vs exact", "train s",
-                   metric, "q"], rows)
+    return _table(
+        ["method", "meta-iters", "compute (grad evals)", "vs exact", "train s", metric, "q"], rows
+    )
 
 
 def counterexample_table(res: Any) -> str:
@@ -49,7 +57,8 @@ def counterexample_table(res: Any) -> str:
         rows.append([m, f"{sum(th) / len(th):.4f}", f"{max(gn):.2e}", f"{sum(gn) / len(gn):.2e}"])
     return (
         f"θ* = {res.theta_star:.4f} (stationary), FOM fixed point θ_F = {res.theta_fom_fixed_point:.4f}"
-        "\n\n" + _table(["method", "final θ (mean over seeds)", "max |F'(θ)|", "mean |F'(θ)|"], rows)
+        "\n\n"
+        + _table(["method", "final θ (mean over seeds)", "max |F'(θ)|", "mean |F'(θ)|"], rows)
     )
 
 
@@ -64,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
-    iters = args.iterations or (60 if quick else 400)
+    iters = args.iterations or (40 if quick else 150)
     evals = 200 if quick else 500
     q: float | str = args.q if args.q == "adaptive" else float(args.q)
     progress = not args.no_progress
@@ -75,26 +84,43 @@ def run(args: argparse.Namespace) -> int:
     if "digits" in tasks:
         for shots in args.shots:
             res = ex.digits_experiment(
-                shots=shots, steps=args.steps, inner_lr=args.inner_lr, exact_iterations=iters,
-                ufom_q=q, ufom_budget_fraction=args.budget_fraction, eval_tasks=evals,
-                seed=args.seed, progress=progress,
+                shots=shots,
+                steps=args.steps,
+                inner_lr=args.inner_lr,
+                exact_iterations=iters,
+                ufom_q=q,
+                ufom_budget_fraction=args.budget_fraction,
+                eval_tasks=evals,
+                class_split=args.class_split,
+                seed=args.seed,
+                progress=progress,
             )
             text = results_table(res, "test accuracy % (95% CI)")
-            head = f"## digits 5-way {shots}-shot (r = {args.steps}, meta-test classes 5–9)"
+            head = (
+                f"## digits 5-way {shots}-shot (r = {args.steps}, α = {args.inner_lr}, "
+                f"{args.class_split} class split)"
+            )
             print(f"\n{head}\n\n{text}", flush=True)
             md += [head, "", text, ""]
             panels.append((f"digits 5-way {shots}-shot", "test accuracy %", res[:-1]))
     if "sinusoid" in tasks:
-        res = ex.sinusoid_experiment(exact_iterations=iters, ufom_q=q,
-                                     ufom_budget_fraction=args.budget_fraction, eval_tasks=evals,
-                                     seed=args.seed, progress=progress)
+        res = ex.sinusoid_experiment(
+            exact_iterations=iters,
+            ufom_q=q,
+            ufom_budget_fraction=args.budget_fraction,
+            eval_tasks=evals,
+            seed=args.seed,
+            progress=progress,
+        )
         text = results_table(res, "query MSE (95% CI)")
         head = "## sinusoid regression, 10-shot (r = 5)"
         print(f"\n{head}\n\n{text}", flush=True)
         md += [head, "", text, ""]
         panels.append(("sinusoid 10-shot", "query MSE", res))
     if "counterexample" in tasks:
-        res_c = ex.fom_counterexample(sgd_steps=500 if quick else 3000, progress=progress)
+        res_c = ex.fom_counterexample(
+            sgd_steps=300 if quick else 1000, seeds=(0, 1, 2), progress=progress
+        )
         text = counterexample_table(res_c)
         head = "## FOM counterexample (two tasks, SGD with one task per step)"
         print(f"\n{head}\n\n{text}", flush=True)
@@ -116,7 +142,9 @@ def _q_arg(text: str) -> str:
     try:
         val = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--q must be a float in (0, 1] or 'adaptive', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--q must be a float in (0, 1] or 'adaptive', got {text!r}"
+        ) from None
     if not (0.0 < val <= 1.0) or math.isnan(val):
         raise argparse.ArgumentTypeError(f"--q must lie in (0, 1], got {text}")
     return text
@@ -131,13 +159,27 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--task", choices=["digits", "sinusoid", "counterexample", "all"], default="all")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="digits shots (5-way)")
-    p.add_argument("--steps", type=int, default=5, help="inner SGD steps r (digits)")
-    p.add_argument("--inner-lr", type=float, default=0.5, help="inner step size α (digits)")
-    p.add_argument("--iterations", type=int, default=None,
-                   help="exact meta-iterations (others get a compute budget relative to it)")
+    p.add_argument("--steps", type=int, default=10, help="inner SGD steps r (digits)")
+    p.add_argument("--inner-lr", type=float, default=0.1, help="inner step size α (digits)")
+    p.add_argument(
+        "--class-split",
+        choices=["random", "digit"],
+        default="random",
+        help="digits meta-train/meta-test class split (see DigitsFewShot)",
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="exact meta-iterations (others get a compute budget relative to it)",
+    )
     p.add_argument("--q", type=_q_arg, default="0.1", help="UFOM probability or 'adaptive'")
-    p.add_argument("--budget-fraction", type=float, default=0.5,
-                   help="UFOM/FOM compute budget as a fraction of exact's")
+    p.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.5,
+        help="UFOM/FOM compute budget as a fraction of exact's",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--out", default="runs/bilevel", help="output folder for results.md and PNG")

@@ -27,7 +27,9 @@ from orthotorch.bilevel.tasks import DigitsFewShot, SinusoidTasks, digits_mlp, s
 from orthotorch.bilevel.ufom import UFOMController
 
 __all__ = [
+    "CounterexampleResult",
     "RunResult",
+    "counterexample_problem",
     "digits_experiment",
     "evaluate_fewshot",
     "evaluate_regression",
@@ -141,8 +143,16 @@ def meta_train(
         inner_data, outer_data = sample(meta_batch, generator)
         theta = module_params(model)
         grads, info = hypergradient_vmap(
-            loss, theta, inner_data, outer_data, steps=steps, lr=inner_lr, method=method,
-            q=controller, generator=generator, return_info=True,
+            loss,
+            theta,
+            inner_data,
+            outer_data,
+            steps=steps,
+            lr=inner_lr,
+            method=method,
+            q=controller,
+            generator=generator,
+            return_info=True,
         )
         opt.zero_grad(set_to_none=True)
         for n, p in zip(names, params):
@@ -166,7 +176,10 @@ def meta_train(
 
 
 def _adapt_vmapped(
-    model: nn.Module, loss: Callable[[Any, Any], Tensor], data: tuple[Tensor, ...], steps: int,
+    model: nn.Module,
+    loss: Callable[[Any, Any], Tensor],
+    data: tuple[Tensor, ...],
+    steps: int,
     lr: float,
 ) -> dict[str, Tensor]:
     theta = module_params(model)
@@ -224,12 +237,14 @@ def evaluate_fewshot(
     done = 0
     while done < n_tasks:
         t = min(chunk, n_tasks - done)
-        xs, ys, xq, yq = tasks.sample(t, ways=ways, shots=shots, queries=queries,
-                                      generator=generator)
+        xs, ys, xq, yq = tasks.sample(
+            t, ways=ways, shots=shots, queries=queries, generator=generator
+        )
         with torch.no_grad():
             phi = _adapt_vmapped(model, loss, (xs, ys), steps, inner_lr)
             logits = torch.func.vmap(lambda p, x: torch.func.functional_call(model, p, (x,)))(
-                phi, xq)
+                phi, xq
+            )
         accs.append((logits.argmax(-1) == yq).double().mean(-1) * 100.0)
         done += t
     return _mean_ci(torch.cat(accs))
@@ -262,15 +277,16 @@ def digits_experiment(
     *,
     shots: int = 1,
     ways: int = 5,
-    steps: int = 5,
-    inner_lr: float = 0.5,
-    meta_lr: float = 3e-3,
+    steps: int = 10,
+    inner_lr: float = 0.1,
+    meta_lr: float = 1e-3,
     meta_batch: int = 16,
     exact_iterations: int = 300,
     ufom_q: float | str = 0.1,
     ufom_budget_fraction: float = 0.5,
     eval_tasks: int = 400,
     hidden: int = 64,
+    class_split: str = "random",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
@@ -281,30 +297,54 @@ def digits_experiment(
     Every run starts from the same initialisation and sees task streams from the same seed. Exact
     runs ``exact_iterations`` meta-iterations; its compute C is measured, and UFOM and FOM then train
     until they have spent ``ufom_budget_fraction · C`` (FOM also at the full C, for reference).
-    Meta-test tasks use the held-out digit classes 5–9.
+    Meta-test tasks use the held-out classes (see :class:`~orthotorch.bilevel.tasks.DigitsFewShot`
+    for ``class_split``). The last row is the untrained initialisation adapted the same way.
     """
-    train = DigitsFewShot("train", dtype=dtype, device=device)
-    test = DigitsFewShot("test", dtype=dtype, device=device)
+    train = DigitsFewShot("train", class_split=class_split, dtype=dtype, device=device)
+    test = DigitsFewShot("test", class_split=class_split, dtype=dtype, device=device)
 
     def sample(n: int, gen: torch.Generator) -> tuple[Any, Any]:
         xs, ys, xq, yq = train.sample(n, ways=ways, shots=shots, queries=15, generator=gen)
         return (xs, ys), (xq, yq)
 
     def fresh() -> nn.Module:
-        return digits_mlp(hidden, ways, generator=torch.Generator().manual_seed(seed),
-                          dtype=dtype).to(device)
+        return digits_mlp(
+            hidden, ways, generator=torch.Generator().manual_seed(seed), dtype=dtype
+        ).to(device)
 
     def evaluator(model: nn.Module) -> tuple[float, float]:
-        return evaluate_fewshot(model, test, ways=ways, shots=shots, steps=steps, inner_lr=inner_lr,
-                                n_tasks=eval_tasks, generator=torch.Generator().manual_seed(10_000))
+        return evaluate_fewshot(
+            model,
+            test,
+            ways=ways,
+            shots=shots,
+            steps=steps,
+            inner_lr=inner_lr,
+            n_tasks=eval_tasks,
+            generator=torch.Generator().manual_seed(10_000),
+        )
 
-    common: dict[str, Any] = dict(steps=steps, inner_lr=inner_lr, meta_lr=meta_lr,
-                                  meta_batch=meta_batch, evaluate=evaluator, progress=progress)
+    common: dict[str, Any] = dict(
+        steps=steps,
+        inner_lr=inner_lr,
+        meta_lr=meta_lr,
+        meta_batch=meta_batch,
+        evaluate=evaluator,
+        progress=progress,
+    )
     results = []
     model = fresh()
-    results.append(meta_train(model, sample, _ce_loss(model), method="exact",
-                              iterations=exact_iterations,
-                              generator=torch.Generator().manual_seed(seed + 1), **common))
+    results.append(
+        meta_train(
+            model,
+            sample,
+            _ce_loss(model),
+            method="exact",
+            iterations=exact_iterations,
+            generator=torch.Generator().manual_seed(seed + 1),
+            **common,
+        )
+    )
     budget = results[0].cost * ufom_budget_fraction
     pct = f"{ufom_budget_fraction:.0%}"
     for method, q, b, label in (
@@ -313,9 +353,19 @@ def digits_experiment(
         ("fom", None, results[0].cost, "fom (100%)"),
     ):
         model = fresh()
-        results.append(meta_train(model, sample, _ce_loss(model), method=method, q=q, budget=b,
-                                  generator=torch.Generator().manual_seed(seed + 1), label=label,
-                                  **common))
+        results.append(
+            meta_train(
+                model,
+                sample,
+                _ce_loss(model),
+                method=method,
+                q=q,
+                budget=b,
+                generator=torch.Generator().manual_seed(seed + 1),
+                label=label,
+                **common,
+            )
+        )
     model = fresh()
     acc = evaluator(model)
     results.append(RunResult("no meta-training", "-", None, 0, 0.0, 0.0, *acc))
@@ -352,16 +402,36 @@ def sinusoid_experiment(
         return sinusoid_mlp(generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
 
     def evaluator(model: nn.Module) -> tuple[float, float]:
-        return evaluate_regression(model, tasks, shots=shots, steps=steps, inner_lr=inner_lr,
-                                   n_tasks=eval_tasks,
-                                   generator=torch.Generator().manual_seed(10_000))
+        return evaluate_regression(
+            model,
+            tasks,
+            shots=shots,
+            steps=steps,
+            inner_lr=inner_lr,
+            n_tasks=eval_tasks,
+            generator=torch.Generator().manual_seed(10_000),
+        )
 
-    common: dict[str, Any] = dict(steps=steps, inner_lr=inner_lr, meta_lr=meta_lr,
-                                  meta_batch=meta_batch, evaluate=evaluator, progress=progress)
+    common: dict[str, Any] = dict(
+        steps=steps,
+        inner_lr=inner_lr,
+        meta_lr=meta_lr,
+        meta_batch=meta_batch,
+        evaluate=evaluator,
+        progress=progress,
+    )
     model = fresh()
-    results = [meta_train(model, sample, _mse_loss(model), method="exact",
-                          iterations=exact_iterations,
-                          generator=torch.Generator().manual_seed(seed + 1), **common)]
+    results = [
+        meta_train(
+            model,
+            sample,
+            _mse_loss(model),
+            method="exact",
+            iterations=exact_iterations,
+            generator=torch.Generator().manual_seed(seed + 1),
+            **common,
+        )
+    ]
     budget = results[0].cost * ufom_budget_fraction
     pct = f"{ufom_budget_fraction:.0%}"
     for method, q, b, label in (
@@ -370,9 +440,19 @@ def sinusoid_experiment(
         ("fom", None, results[0].cost, "fom (100%)"),
     ):
         model = fresh()
-        results.append(meta_train(model, sample, _mse_loss(model), method=method, q=q, budget=b,
-                                  generator=torch.Generator().manual_seed(seed + 1), label=label,
-                                  **common))
+        results.append(
+            meta_train(
+                model,
+                sample,
+                _mse_loss(model),
+                method=method,
+                q=q,
+                budget=b,
+                generator=torch.Generator().manual_seed(seed + 1),
+                label=label,
+                **common,
+            )
+        )
     return results
 
 
@@ -437,7 +517,7 @@ def fom_counterexample(
     """SGD on θ with one random task per step and step size ``lr0/(1 + t/100)`` (Robbins–Monro).
 
     Runs FOM, UFOM (fixed ``q``) and exact hypergradients from θ_0 = 2 for each seed; reports the
-    final θ and |F'(θ)| of the true meta-objective. FOM settles at θ_F = 0 with |F'| = (1 − s_2)/2;
+    final θ (the average of the last half of the iterates) and |F'(θ)| of the true meta-objective. FOM settles at θ_F = 0 with |F'| = (1 − s_2)/2;
     UFOM and exact reach θ* (|F'| → 0).
     """
     tasks, dF, theta_star, theta_fom = counterexample_problem(steps=steps, lr=inner_lr)
@@ -455,12 +535,20 @@ def fom_counterexample(
         picks = torch.randint(0, len(tasks), (sgd_steps,), generator=gen).tolist()
         for t, i in enumerate(picks):
             inner, outer = tasks[i]
-            g = hypergradient(inner, outer, theta, steps=steps, lr=inner_lr, method=method,
-                              q=q if method == "ufom" else None,
-                              generator=gen if method == "ufom" else None, check_finite=False)
+            g = hypergradient(
+                inner,
+                outer,
+                theta,
+                steps=steps,
+                lr=inner_lr,
+                method=method,
+                q=q if method == "ufom" else None,
+                generator=gen if method == "ufom" else None,
+                check_finite=False,
+            )
             theta = theta - lr0 / (1.0 + t / 100.0) * g
             path[t + 1] = theta[0]
-        th = float(theta[0])
+        th = float(path[sgd_steps // 2 :].mean())  # tail (Polyak) average of the iterates
         final.setdefault(method, []).append(th)
         gnorm.setdefault(method, []).append(abs(dF(th)))
         if seed == seeds[0]:

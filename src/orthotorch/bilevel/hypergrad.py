@@ -14,10 +14,11 @@ Parameters ``θ`` are a tensor or a ``dict[str, Tensor]`` (e.g. the named parame
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ from orthotorch._validation import FLOAT_DTYPES, describe
 if TYPE_CHECKING:  # pragma: no cover
     from orthotorch.bilevel.ufom import UFOMController
 
-Params = Union[Tensor, Mapping[str, Tensor]]
+Params = Tensor | Mapping[str, Tensor]
 LossFn = Callable[[Any], Tensor]
 
 METHODS = ("exact", "fom", "ufom", "unrolled")
@@ -149,6 +150,23 @@ def _resolve_stride(checkpoints: object, steps: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _explain_func_errors() -> Iterator[None]:
+    """Turn torch.func's error about old-style autograd Functions into an actionable one."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "setup_context" not in str(exc):
+            raise
+        raise TypeError(
+            "a loss uses a custom torch.autograd.Function that torch.func cannot transform (it needs "
+            "`setup_context` and, for exact/UFOM hypergradients, a twice-differentiable backward). "
+            "For orthogonal weights use orthotorch.parametrize.orthogonal(..., method='matrix_exp' "
+            "or 'cayley') or torch.nn.utils.parametrizations.orthogonal. Original error: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
 
 
 @dataclass
@@ -420,8 +438,12 @@ def hypergradient(
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
     stride = _resolve_stride(checkpoints, steps)
+    if hvp not in ("reverse", "forward"):
+        raise ValueError(f"`hvp` must be 'reverse' or 'forward', got {hvp!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     controller: UFOMController | None = None
     q_val: float | None = None
     if method == "ufom":
@@ -442,7 +464,30 @@ def hypergradient(
     outer = _scalar_loss(outer_loss, "outer_loss")
     phi0 = _detach(theta)
     info = HypergradInfo(method=method, steps=steps, q=q_val)
+    with _explain_func_errors():
+        out = _hypergradient_core(
+            inner, outer, phi0, steps, lr, method, q_val, generator, stride, hvp, info
+        )
+    if check_finite:
+        _check_finite(f"the {method} hypergradient", out)
+    if controller is not None:
+        controller.observe(info)
+    return (out, info) if return_info else out
 
+
+def _hypergradient_core(
+    inner: Callable[[Any], Tensor],
+    outer: Callable[[Any], Tensor],
+    phi0: Any,
+    steps: int,
+    lr: float,
+    method: str,
+    q_val: float | None,
+    generator: torch.Generator | None,
+    stride: int,
+    hvp: str,
+    info: HypergradInfo,
+) -> Any:
     if method == "unrolled":
         out = _unrolled(inner, outer, phi0, steps, lr, info)
         info.exact_used = True
@@ -457,8 +502,9 @@ def hypergradient(
             coin = torch.rand((), generator=generator, device=generator.device)
             run_exact = bool(coin < q_val)
         if run_exact:
-            g_exact, g_fom = _exact(grad_in, grad_out, _make_hvp(grad_in, hvp), phi0, steps, lr,
-                                    stride, info)
+            g_exact, g_fom = _exact(
+                grad_in, grad_out, _make_hvp(grad_in, hvp), phi0, steps, lr, stride, info
+            )
             info.exact_used = True
             info.exact_tasks = 1
             info.g_exact, info.g_fom = g_exact, g_fom
@@ -468,8 +514,6 @@ def hypergradient(
             else:
                 out = g_exact
         else:
-            if hvp not in ("reverse", "forward"):
-                raise ValueError(f"`hvp` must be 'reverse' or 'forward', got {hvp!r}")
             phi = phi0
             for _ in range(steps):
                 phi = _tmap(lambda p, g: p - lr * g, phi, grad_in(phi))
@@ -477,11 +521,7 @@ def hypergradient(
             out = grad_out(phi)
             info.outer_grad_evals += 1
             info.g_fom = out
-    if check_finite:
-        _check_finite(f"the {method} hypergradient", out)
-    if controller is not None:
-        controller.observe(info)
-    return (out, info) if return_info else out
+    return out
 
 
 def batched_hypergradient(
@@ -516,8 +556,10 @@ def batched_hypergradient(
         The mean hypergradient (structure of ``theta``), or ``(mean, infos)``.
     """
     if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
-        raise TypeError(f"`tasks` must be a sequence of (inner_loss, outer_loss) pairs, got "
-                        f"{type(tasks).__name__}")
+        raise TypeError(
+            f"`tasks` must be a sequence of (inner_loss, outer_loss) pairs, got "
+            f"{type(tasks).__name__}"
+        )
     if len(tasks) == 0:
         raise ValueError("`tasks` must contain at least one (inner_loss, outer_loss) pair, got 0")
     total: Any = None
@@ -526,8 +568,18 @@ def batched_hypergradient(
         if not (isinstance(task, (tuple, list)) and len(task) == 2):
             raise TypeError(f"`tasks[{t}]` must be an (inner_loss, outer_loss) pair, got {task!r}")
         g, info = hypergradient(
-            task[0], task[1], theta, steps=steps, lr=lr, method=method, q=q, generator=generator,
-            checkpoints=checkpoints, hvp=hvp, check_finite=check_finite, return_info=True,
+            task[0],
+            task[1],
+            theta,
+            steps=steps,
+            lr=lr,
+            method=method,
+            q=q,
+            generator=generator,
+            checkpoints=checkpoints,
+            hvp=hvp,
+            check_finite=check_finite,
+            return_info=True,
         )
         total = g if total is None else _tmap(torch.add, total, g)
         infos.append(info)
@@ -543,12 +595,15 @@ def batched_hypergradient(
 def _data_leaves(name: str, data: object) -> tuple[Tensor, ...]:
     leaves = (data,) if isinstance(data, Tensor) else data
     if not isinstance(leaves, (tuple, list)) or not leaves:
-        raise TypeError(f"`{name}` must be a tensor or a non-empty tuple of tensors (T, ...), got "
-                        f"{type(data).__name__}")
+        raise TypeError(
+            f"`{name}` must be a tensor or a non-empty tuple of tensors (T, ...), got "
+            f"{type(data).__name__}"
+        )
     for i, t in enumerate(leaves):
         if not isinstance(t, Tensor) or t.dim() == 0:
-            raise TypeError(f"`{name}[{i}]` must be a tensor with a leading task dimension, got "
-                            f"{t!r:.80}")
+            raise TypeError(
+                f"`{name}[{i}]` must be a tensor with a leading task dimension, got {t!r:.80}"
+            )
     return tuple(leaves)
 
 
@@ -604,8 +659,10 @@ def hypergradient_vmap(
     for name, leaves in (("inner_data", d_in), ("outer_data", d_out)):
         for i, t in enumerate(leaves):
             if t.shape[0] != n_tasks:
-                raise ValueError(f"`{name}[{i}]` has {t.shape[0]} tasks (leading dim), expected "
-                                 f"{n_tasks} like inner_data[0]")
+                raise ValueError(
+                    f"`{name}[{i}]` has {t.shape[0]} tasks (leading dim), expected "
+                    f"{n_tasks} like inner_data[0]"
+                )
     controller: UFOMController | None = None
     q_val: float | None = None
     if method == "ufom":
@@ -616,16 +673,20 @@ def hypergradient_vmap(
         else:
             q_val = _check_q(q)
         if not isinstance(generator, torch.Generator):
-            raise TypeError("method='ufom' needs `generator` (a torch.Generator), got "
-                            f"{type(generator).__name__}")
+            raise TypeError(
+                "method='ufom' needs `generator` (a torch.Generator), got "
+                f"{type(generator).__name__}"
+            )
     phi0 = _detach(theta)
     info = HypergradInfo(method=method, steps=steps, q=q_val, tasks=n_tasks)
 
     def losses(di: tuple[Tensor, ...], do: tuple[Tensor, ...]) -> tuple[Callable, Callable]:
         a = di[0] if isinstance(inner_data, Tensor) else di
         b = do[0] if isinstance(outer_data, Tensor) else do
-        return (_scalar_loss(lambda p: loss(p, a), "loss(phi, inner_data[t])"),
-                _scalar_loss(lambda p: loss(p, b), "loss(phi, outer_data[t])"))
+        return (
+            _scalar_loss(lambda p: loss(p, a), "loss(phi, inner_data[t])"),
+            _scalar_loss(lambda p: loss(p, b), "loss(phi, outer_data[t])"),
+        )
 
     def run_fom(di: tuple[Tensor, ...], do: tuple[Tensor, ...]) -> Any:
         inner, outer = losses(di, do)
@@ -640,8 +701,9 @@ def hypergradient_vmap(
     def run_exact(di: tuple[Tensor, ...], do: tuple[Tensor, ...]) -> tuple[Any, Any]:
         inner, outer = losses(di, do)
         grad_in = torch.func.grad(inner)
-        return _exact(grad_in, torch.func.grad(outer), _make_hvp(grad_in, hvp), phi0, steps, lr,
-                      stride, sub)
+        return _exact(
+            grad_in, torch.func.grad(outer), _make_hvp(grad_in, hvp), phi0, steps, lr, stride, sub
+        )
 
     def run_unrolled(di: tuple[Tensor, ...], do: tuple[Tensor, ...]) -> Any:
         inner, outer = losses(di, do)
@@ -650,7 +712,8 @@ def hypergradient_vmap(
     def vm(fn: Callable, idx: Tensor | None) -> Any:
         a = d_in if idx is None else tuple(t[idx] for t in d_in)
         b = d_out if idx is None else tuple(t[idx] for t in d_out)
-        return torch.func.vmap(fn, randomness="error")(a, b)
+        with _explain_func_errors():
+            return torch.func.vmap(fn, randomness="error")(a, b)
 
     def add_counts(k: int) -> None:
         info.grad_evals += sub.grad_evals * k
@@ -677,8 +740,9 @@ def hypergradient_vmap(
         idx_x = torch.nonzero(coins).flatten()
         idx_f = torch.nonzero(~coins).flatten()
         n_x = int(idx_x.numel())
-        per_task = _tmap(lambda t: torch.empty((n_tasks, *t.shape), dtype=t.dtype,
-                                               device=t.device), phi0)
+        per_task = _tmap(
+            lambda t: torch.empty((n_tasks, *t.shape), dtype=t.dtype, device=t.device), phi0
+        )
         if n_x < n_tasks:
             g_f = vm(run_fom, idx_f)
             _tmap(lambda out, g: out.index_copy_(0, idx_f, g), per_task, g_f)
@@ -686,8 +750,12 @@ def hypergradient_vmap(
             info.outer_grad_evals += n_tasks - n_x
         if n_x > 0:
             g_x, g_xf = vm(run_exact, idx_x)
-            _tmap(lambda out, e, f: out.index_copy_(0, idx_x, f + (e - f) / q_val), per_task, g_x,
-                  g_xf)
+            _tmap(
+                lambda out, e, f: out.index_copy_(0, idx_x, f + (e - f) / q_val),
+                per_task,
+                g_x,
+                g_xf,
+            )
             add_counts(n_x)
             info.exact_used, info.exact_tasks = True, n_x
             info.g_exact, info.g_fom = g_x, g_xf

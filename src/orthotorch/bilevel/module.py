@@ -113,8 +113,16 @@ def module_hypergradient(
         ``{name: gradient}`` with the shapes of the parameters (or ``(grads, info)``).
     """
     theta = module_params(module)
-    kwargs = dict(steps=steps, lr=lr, method=method, q=q, generator=generator,
-                  checkpoints=checkpoints, hvp=hvp, return_info=True)
+    kwargs = dict(
+        steps=steps,
+        lr=lr,
+        method=method,
+        q=q,
+        generator=generator,
+        checkpoints=checkpoints,
+        hvp=hvp,
+        return_info=True,
+    )
     if tasks is not None:
         if inner_loss is not None or outer_loss is not None:
             raise ValueError("pass either `inner_loss`/`outer_loss` or `tasks`, not both")

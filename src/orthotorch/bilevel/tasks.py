@@ -6,6 +6,7 @@ scikit-learn (extra ``bilevel``), nothing is downloaded. All sampling takes a ``
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -43,48 +44,73 @@ def _load_digits() -> tuple[Tensor, Tensor]:
 class DigitsFewShot:
     """N-way K-shot classification tasks from the 8×8 digits, with disjoint class splits.
 
-    The ten digit classes are split into meta-train classes and meta-test classes (default: 0–4
-    and 5–9); a task picks ``ways`` classes of its split, assigns them labels ``0..ways−1`` in a random
-    order, and draws ``shots`` support and ``queries`` query images per class without replacement.
-    With ``rotations`` (default, the Omniglot recipe), each digit rotated by 0/90/180/270° is its own
-    class, so each split has 20 classes; without it, every 5-way task uses all 5 classes of its split
-    and tasks differ only by the label permutation and the images drawn.
+    A class is a (digit, symmetry) pair: with ``augment="dihedral"`` (default) each digit under each
+    of the 8 symmetries of the square (4 rotations × optional transpose) is its own class, 80 classes
+    in all (the Omniglot recipe of rotated classes); ``"rotations"`` gives 40, ``"none"`` 10. The
+    classes are split into disjoint meta-train and meta-test sets:
+
+    - ``class_split="random"`` (default): a random half of the classes (from ``split_seed``) is
+      meta-train, the rest meta-test. A digit may appear in both splits under different symmetries
+      (e.g. "3" in train, "3 rotated 90°" in test), so low-level stroke features transfer.
+    - ``class_split="digit"``: the digits in ``test_classes`` (default 5–9, with all their
+      symmetries) are meta-test, the others meta-train; no digit is shared. With only five digits
+      to learn from, the MLP meta-overfits here (see ``docs/bilevel.md``).
+
+    A task picks ``ways`` classes of its split, assigns them labels ``0..ways−1`` in a random order and
+    draws ``shots`` support and ``queries`` query images per class without replacement. Images are
+    standardised with the mean/std of all pixels (two scalars), transformed and flattened to 64.
 
     Args:
         split: ``"train"`` or ``"test"``.
-        test_classes: the meta-test digit classes (the rest are meta-train).
-        rotations: make each (digit, quarter-turn) pair a class (4× the classes).
+        class_split: ``"random"`` or ``"digit"``.
+        test_classes: meta-test digits for ``class_split="digit"``.
+        augment: ``"dihedral"``, ``"rotations"`` or ``"none"``.
+        split_seed: seed of the random class split (the same seed gives complementary splits).
         dtype: floating dtype of the images.
         device: where sampled tensors live.
-
-    Images are standardised with the meta-train mean/std (one scalar each), then (rotated and) flattened to 64.
     """
 
     def __init__(
         self,
         split: str = "train",
         *,
+        class_split: str = "random",
         test_classes: Sequence[int] = (5, 6, 7, 8, 9),
-        rotations: bool = True,
+        augment: str = "dihedral",
+        split_seed: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
+        if class_split not in ("random", "digit"):
+            raise ValueError(f"`class_split` must be 'random' or 'digit', got {class_split!r}")
+        n_tf = {"none": 1, "rotations": 4, "dihedral": 8}.get(augment)
+        if n_tf is None:
+            raise ValueError(
+                f"`augment` must be 'none', 'rotations' or 'dihedral', got {augment!r}"
+            )
         test = sorted({int(c) for c in test_classes})
         if not test or any(c < 0 or c > 9 for c in test) or len(test) == 10:
-            raise ValueError(f"`test_classes` must be a proper subset of 0..9, got {test_classes!r}")
+            raise ValueError(
+                f"`test_classes` must be a proper subset of 0..9, got {test_classes!r}"
+            )
         x, y = _load_digits()
-        train = [c for c in range(10) if c not in test]
-        train_mask = torch.isin(y, torch.tensor(train))
-        mean, std = x[train_mask].mean(), x[train_mask].std()
-        x = (x - mean) / std
-        self.split = split
-        digits = train if split == "train" else test
+        x = (x - x.mean()) / x.std()
         imgs = x.reshape(-1, 8, 8)
-        self.classes = [(c, k) for c in digits for k in (range(4) if rotations else (0,))]
+        all_classes = [(c, k) for c in range(10) for k in range(n_tf)]
+        if class_split == "digit":
+            in_test = [c in test for c, _ in all_classes]
+        else:
+            perm = torch.randperm(
+                len(all_classes), generator=torch.Generator().manual_seed(split_seed)
+            )
+            test_idx = set(perm[len(all_classes) // 2 :].tolist())
+            in_test = [i in test_idx for i in range(len(all_classes))]
+        self.split = split
+        self.classes = [c for c, t in zip(all_classes, in_test) if t == (split == "test")]
         self.by_class = [
-            torch.rot90(imgs[y == c], k, dims=(-2, -1)).reshape(-1, 64).to(dtype=dtype, device=device)
+            _transform(imgs[y == c], k).reshape(-1, 64).to(dtype=dtype, device=device)
             for c, k in self.classes
         ]
         self.dtype, self.device = dtype, device
@@ -104,16 +130,25 @@ class DigitsFewShot:
             ``(xs, ys, xq, yq)``: support images ``(T, ways·shots, 64)``, labels ``(T, ways·shots)``
             int64, query images ``(T, ways·queries, 64)``, labels ``(T, ways·queries)``.
         """
-        n_tasks, shots, queries = (_pos_int(n, v) for n, v in
-                                   (("n_tasks", n_tasks), ("shots", shots), ("queries", queries)))
+        n_tasks, shots, queries = (
+            _pos_int(n, v)
+            for n, v in (("n_tasks", n_tasks), ("shots", shots), ("queries", queries))
+        )
         _check_gen(generator)
-        if isinstance(ways, bool) or not isinstance(ways, int) or not 2 <= ways <= len(self.classes):
-            raise ValueError(f"`ways` must be an int in [2, {len(self.classes)}] for the "
-                             f"{self.split} split, got {ways!r}")
+        if (
+            isinstance(ways, bool)
+            or not isinstance(ways, int)
+            or not 2 <= ways <= len(self.classes)
+        ):
+            raise ValueError(
+                f"`ways` must be an int in [2, {len(self.classes)}] for the "
+                f"{self.split} split, got {ways!r}"
+            )
         smallest = min(len(c) for c in self.by_class)
         if shots + queries > smallest:
-            raise ValueError(f"`shots + queries` must be <= {smallest} (images per class), got "
-                             f"{shots + queries}")
+            raise ValueError(
+                f"`shots + queries` must be <= {smallest} (images per class), got {shots + queries}"
+            )
         xs, ys, xq, yq = [], [], [], []
         for _ in range(n_tasks):
             chosen = torch.randperm(len(self.classes), generator=generator)[:ways].tolist()
@@ -132,6 +167,13 @@ class DigitsFewShot:
         return (torch.stack(xs), torch.stack(ys).to(dev), torch.stack(xq), torch.stack(yq).to(dev))
 
 
+def _transform(imgs: Tensor, k: int) -> Tensor:
+    """The k-th symmetry of the square (k in 0..7) applied to ``(N, 8, 8)`` images."""
+    if k >= 4:
+        imgs = imgs.transpose(-1, -2)
+    return torch.rot90(imgs, k % 4, dims=(-2, -1))
+
+
 class SinusoidTasks:
     """Sinusoid regression tasks y = A·sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (MAML).
 
@@ -139,16 +181,19 @@ class SinusoidTasks:
         dtype: floating dtype; device: where samples live.
     """
 
-    def __init__(self, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> None:
         self.dtype, self.device = dtype, device
 
     def sample(
         self, n_tasks: int, *, shots: int = 10, queries: int = 10, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Draw ``n_tasks`` tasks: ``(xs (T, shots, 1), ys (T, shots, 1), xq (T, queries, 1), yq)``."""
-        n_tasks, shots, queries = (_pos_int(n, v) for n, v in
-                                   (("n_tasks", n_tasks), ("shots", shots), ("queries", queries)))
+        n_tasks, shots, queries = (
+            _pos_int(n, v)
+            for n, v in (("n_tasks", n_tasks), ("shots", shots), ("queries", queries))
+        )
         _check_gen(generator)
         kw = dict(generator=generator, dtype=torch.float64)
         amp = 0.1 + 4.9 * torch.rand(n_tasks, 1, 1, **kw)
@@ -160,7 +205,11 @@ class SinusoidTasks:
 
 
 def digits_mlp(
-    hidden: int = 64, ways: int = 5, *, generator: torch.Generator, dtype: torch.dtype = torch.float32
+    hidden: int = 64,
+    ways: int = 5,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """``64 → hidden → hidden → ways`` tanh MLP, initialised from ``generator`` (Glorot uniform)."""
     return _mlp([64, hidden, hidden, ways], nn.Tanh, generator, dtype)
@@ -173,16 +222,18 @@ def sinusoid_mlp(
     return _mlp([1, hidden, hidden, 1], nn.ReLU, generator, dtype)
 
 
-def _mlp(sizes: list[int], act: type[nn.Module], generator: torch.Generator,
-         dtype: torch.dtype) -> nn.Module:
+def _mlp(
+    sizes: list[int], act: type[nn.Module], generator: torch.Generator, dtype: torch.dtype
+) -> nn.Module:
     _check_gen(generator)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         lin = nn.Linear(a, b, dtype=dtype)
         bound = math.sqrt(6.0 / (a + b))
         with torch.no_grad():
-            lin.weight.copy_((torch.rand(b, a, generator=generator, dtype=torch.float64) * 2 - 1)
-                             * bound)
+            lin.weight.copy_(
+                (torch.rand(b, a, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            )
             lin.bias.zero_()
         layers.append(lin)
         if i < len(sizes) - 2:

