@@ -17,6 +17,7 @@ gives the peak extra resident memory of one forward+backward in a fresh process.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -31,8 +32,8 @@ from _harness import env_header, fmt, markdown_table, median_time, peak_rss_mb, 
 
 SQUARE_FULL = [256, 512, 1024, 2048]
 TALL_FULL = [(1024, 64), (4096, 64), (4096, 256)]
-SQUARE_QUICK = [256, 512]
-TALL_QUICK = [(1024, 64)]
+SQUARE_QUICK = [128, 256]
+TALL_QUICK = [(512, 32)]
 
 METHODS = [
     "ours tcwy",
@@ -170,17 +171,35 @@ def memory_mb(method: str, n: int, k: int, threads: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, writes *.quick.md")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds per case (default 20/3)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default 2; 1 if the machine is busy)",
+    )
+    ap.add_argument(
+        "--budget", type=float, default=None, help="seconds per case (default 20, quick 5)"
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the memory table")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    budget = args.budget or (3.0 if args.quick else 20.0)
+    budget = args.budget or (5.0 if args.quick else 20.0)
     squares = SQUARE_QUICK if args.quick else SQUARE_FULL
     talls = TALL_QUICK if args.quick else TALL_FULL
     cases = [(d, d) for d in squares] + list(talls)
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = load > (os.cpu_count() or 1)
+    threads = args.threads if args.threads is not None else (1 if busy else 2)
+    torch.set_num_threads(threads)
     header = env_header()
+    if busy:
+        header += (
+            f"- WARNING: 1-minute load average {load:.1f} exceeds the {os.cpu_count()} cores: "
+            "other processes compete for the CPU and absolute times are inflated (with more than "
+            "one torch thread, badly: threads wait for descheduled peers); "
+            f"{'so this run uses 1 thread; ' if args.threads is None else ''}"
+            "re-run on a quiet machine\n"
+        )
     print(header)
     times: dict[tuple[str, int, int], float | None] = {}
     last: dict[tuple[str, bool], tuple[int, int, float]] = {}
@@ -193,7 +212,7 @@ def main() -> None:
             if method == "ours cwy" and not tall:
                 continue  # identical to tcwy for square weights
             prev = last.get((method, tall))
-            if prev is not None:
+            if prev is not None and method != "ours tcwy":  # the reference always runs
                 guess = predicted(method, prev, n, k)
                 if guess > budget:
                     times[(method, n, k)] = None
@@ -248,7 +267,7 @@ def main() -> None:
 
     table3 = ""
     if not args.no_memory:
-        mem_cases = [(512, 512), (1024, 64)] if args.quick else [(1024, 1024), (4096, 256)]
+        mem_cases = [(256, 256), (512, 32)] if args.quick else [(1024, 1024), (4096, 256)]
         rows3 = []
         for n, k in mem_cases:
             row: list[object] = [f"{n}×{k}"]
@@ -259,7 +278,7 @@ def main() -> None:
                 if times.get((method, n, k), 0.0) is None:
                     row.append("skipped")
                     continue
-                row.append(memory_mb(method, n, k, args.threads))
+                row.append(memory_mb(method, n, k, threads))
                 print(f"memory {n}x{k} {method}: {row[-1]:.1f} MiB", flush=True)
             rows3.append(row)
         table3 = markdown_table(["n×k", *METHODS], rows3)
@@ -289,7 +308,7 @@ def main() -> None:
         "# Orthogonal parametrizations: forward + backward\n\n"
         f"{header}\n"
         f"Command: `python benchmarks/parametrizations.py{' --quick' if args.quick else ''}` "
-        f"(threads {args.threads}, per-case budget {budget:g} s), float32.\n\n"
+        f"(threads {threads}, per-case budget {budget:g} s), float32.\n\n"
         "## Forward+backward of a parametrized weight (ms, median; ratio vs ours tcwy)\n\n"
         "`w = layer.weight; w.backward(G)` with the same fixed random `G` for every method. "
         "n×k with n = k is square (O(d)); otherwise the weight is tall (n, k). "

@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="inner SGD steps r")
     parser.add_argument("--inner-lr", type=float, default=0.1)
     parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--q", type=float, default=0.1, help="UFOM probability")
     parser.add_argument(
-        "--q", type=float, default=0.1, help="initial UFOM q (adaptive, floor 0.05)"
+        "--adaptive", action="store_true", help="adapt q (floor 0.05), start at --q"
     )
     args = parser.parse_args()
 
@@ -43,7 +44,8 @@ def main() -> None:
             return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
 
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        q = UFOMController(args.q, floor=0.05) if method == "ufom" else None
+        mode = "adaptive" if args.adaptive else "fixed"
+        q = UFOMController(args.q, mode=mode, floor=0.05) if method == "ufom" else None
         cost, t0 = 0.0, time.perf_counter()
         for _ in range(args.iterations):
             xs, ys, xq, yq = train.sample(16, shots=args.shots, generator=gen)

@@ -91,6 +91,36 @@ def test_vmap_ufom_unbiased_and_cost():
     assert ctl.n_observed == 4
 
 
+def test_vmap_ufom_batch_coin_unbiased():
+    model, loss, di, do, _ = _regression_tasks(n_tasks=4, seed=2)
+    theta = module_params(model)
+    exact = hypergradient_vmap(loss, theta, di, do, steps=5, lr=0.1)
+    ex = torch.cat([exact[k].flatten() for k in theta])
+    gen = torch.Generator().manual_seed(0)
+    n, flat, seen = 200, [], set()
+    for _ in range(n):
+        g, info = hypergradient_vmap(
+            loss,
+            theta,
+            di,
+            do,
+            steps=5,
+            lr=0.1,
+            method="ufom",
+            q=0.5,
+            generator=gen,
+            coin="batch",
+            return_info=True,
+        )
+        seen.add(info.exact_tasks)
+        flat.append(torch.cat([g[k].flatten() for k in theta]))
+    assert seen == {0, 4}  # all tasks share the coin
+    draws = torch.stack(flat)
+    se = draws.std(0) / math.sqrt(n)
+    mask = se > 1e-8 * (1 + ex.abs())
+    assert ((draws.mean(0) - ex) / se)[mask].abs().max() < 4.5
+
+
 def test_vmap_bad_input():
     model, loss, di, do, _ = _regression_tasks()
     theta = module_params(model)
@@ -104,6 +134,8 @@ def test_vmap_bad_input():
         )
     with pytest.raises(ValueError, match="steps"):
         hypergradient_vmap(loss, theta, di, do, steps=-1, lr=0.1)
+    with pytest.raises(ValueError, match="coin"):
+        hypergradient_vmap(loss, theta, di, do, steps=1, lr=0.1, coin="each")
     with pytest.raises(ValueError, match="scalar"):
         hypergradient_vmap(
             lambda p, d: d[0].sum(-1) * p["0.bias"].sum(), theta, di, do, steps=1, lr=0.1

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
-    iters = args.iterations or (40 if quick else 150)
-    evals = 200 if quick else 500
+    iters = args.iterations or (40 if quick else 100)
+    evals = 200 if quick else 300
     q: float | str = args.q if args.q == "adaptive" else float(args.q)
     progress = not args.no_progress
     tasks = ["digits", "sinusoid", "counterexample"] if args.task == "all" else [args.task]
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                 ufom_budget_fraction=args.budget_fraction,
                 eval_tasks=evals,
                 class_split=args.class_split,
+                ufom_coins=args.coin,
                 seed=args.seed,
                 progress=progress,
             )
@@ -174,6 +175,13 @@ def register(subparsers: Any) -> None:
         help="exact meta-iterations (others get a compute budget relative to it)",
     )
     p.add_argument("--q", type=_q_arg, default="0.1", help="UFOM probability or 'adaptive'")
+    p.add_argument(
+        "--coin",
+        nargs="+",
+        choices=["task", "batch"],
+        default=["task", "batch"],
+        help="UFOM variants (digits): a coin per task and/or one per meta-batch",
+    )
     p.add_argument(
         "--budget-fraction",
         type=float,

@@ -88,6 +88,7 @@ def meta_train(
     budget: float | None = None,
     q: float | str | None = None,
     floor: float = 0.05,
+    coin: str = "task",
     generator: torch.Generator,
     evaluate: Callable[[nn.Module], tuple[float, float]] | None = None,
     eval_every: int | None = None,
@@ -109,6 +110,8 @@ def meta_train(
             (gradient-evaluation units) reaches ``budget``; at least one is required.
         q: UFOM's probability (float) or ``"adaptive"`` (a :class:`UFOMController`, starting at 0.2).
         floor: the adaptive controller's floor.
+        coin: UFOM's coin, ``"task"`` or ``"batch"`` (see
+            :func:`~orthotorch.bilevel.hypergradient_vmap`).
         generator: drives task sampling and UFOM's coins.
         evaluate: ``model -> (metric, ci)``, called every ``eval_every`` iterations and at the end.
         hvp_cost: HVP cost in gradient units, for the budget.
@@ -152,6 +155,7 @@ def meta_train(
             method=method,
             q=controller,
             generator=generator,
+            coin=coin if method == "ufom" else "task",
             return_info=True,
         )
         opt.zero_grad(set_to_none=True)
@@ -284,6 +288,7 @@ def digits_experiment(
     exact_iterations: int = 300,
     ufom_q: float | str = 0.1,
     ufom_budget_fraction: float = 0.5,
+    ufom_coins: Sequence[str] = ("task",),
     eval_tasks: int = 400,
     hidden: int = 64,
     class_split: str = "random",
@@ -293,6 +298,9 @@ def digits_experiment(
     progress: bool = False,
 ) -> list[RunResult]:
     """5-way K-shot digits: exact, UFOM and FOM (both at ``ufom_budget_fraction`` of exact's compute).
+
+    ``ufom_coins`` lists the UFOM variants to run (``"task"``: a coin per task, ``"batch"``: one per
+    meta-batch).
 
     Every run starts from the same initialisation and sees task streams from the same seed. Exact
     runs ``exact_iterations`` meta-iterations; its compute C is measured, and UFOM and FOM then train
@@ -347,11 +355,21 @@ def digits_experiment(
     )
     budget = results[0].cost * ufom_budget_fraction
     pct = f"{ufom_budget_fraction:.0%}"
-    for method, q, b, label in (
-        ("ufom", ufom_q, budget, f"ufom q={ufom_q} ({pct})"),
-        ("fom", None, budget, f"fom ({pct})"),
-        ("fom", None, results[0].cost, "fom (100%)"),
-    ):
+    runs: list[tuple[str, Any, float, str, str]] = [
+        (
+            "ufom",
+            ufom_q,
+            budget,
+            f"ufom q={ufom_q}{'' if c == 'task' else ' batch coin'} ({pct})",
+            c,
+        )
+        for c in ufom_coins
+    ]
+    runs += [
+        ("fom", None, budget, f"fom ({pct})", "task"),
+        ("fom", None, results[0].cost, "fom (100%)", "task"),
+    ]
+    for method, q, b, label, coin in runs:
         model = fresh()
         results.append(
             meta_train(
@@ -360,6 +378,7 @@ def digits_experiment(
                 _ce_loss(model),
                 method=method,
                 q=q,
+                coin=coin,
                 budget=b,
                 generator=torch.Generator().manual_seed(seed + 1),
                 label=label,
@@ -382,6 +401,7 @@ def sinusoid_experiment(
     exact_iterations: int = 300,
     ufom_q: float | str = 0.1,
     ufom_budget_fraction: float = 0.5,
+    ufom_coins: Sequence[str] = ("task",),
     eval_tasks: int = 400,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -434,11 +454,21 @@ def sinusoid_experiment(
     ]
     budget = results[0].cost * ufom_budget_fraction
     pct = f"{ufom_budget_fraction:.0%}"
-    for method, q, b, label in (
-        ("ufom", ufom_q, budget, f"ufom q={ufom_q} ({pct})"),
-        ("fom", None, budget, f"fom ({pct})"),
-        ("fom", None, results[0].cost, "fom (100%)"),
-    ):
+    runs: list[tuple[str, Any, float, str, str]] = [
+        (
+            "ufom",
+            ufom_q,
+            budget,
+            f"ufom q={ufom_q}{'' if c == 'task' else ' batch coin'} ({pct})",
+            c,
+        )
+        for c in ufom_coins
+    ]
+    runs += [
+        ("fom", None, budget, f"fom ({pct})", "task"),
+        ("fom", None, results[0].cost, "fom (100%)", "task"),
+    ]
+    for method, q, b, label, coin in runs:
         model = fresh()
         results.append(
             meta_train(
@@ -447,6 +477,7 @@ def sinusoid_experiment(
                 _mse_loss(model),
                 method=method,
                 q=q,
+                coin=coin,
                 budget=b,
                 generator=torch.Generator().manual_seed(seed + 1),
                 label=label,

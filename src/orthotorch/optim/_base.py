@@ -121,11 +121,6 @@ class GivensOptimizer(torch.optim.Optimizer):
         if not isinstance(name, str) or name not in SAMPLERS:
             raise ValueError(f"`sampler` ({where}) must be one of {SAMPLERS}, got {name!r}")
         check_positive_int(f"matchings_per_step ({where})", group["matchings_per_step"])
-        if name == "full" and group["matchings_per_step"] != 1:
-            raise ValueError(
-                f"`matchings_per_step` ({where}) must be 1 with sampler 'full' (one step is already a "
-                f"sweep of all n−1 matchings), got {group['matchings_per_step']}"
-            )
         if name == "colouring" and group.get("graph") is None:
             raise ValueError(
                 f"sampler 'colouring' ({where}) needs `graph`: a networkx.Graph of allowed row pairs"

@@ -69,7 +69,7 @@ class OrthogonalAdam(GivensOptimizer):
         *,
         maximize: bool = False,
         sampler: str = "random",
-        matchings_per_step: int = 1,
+        matchings_per_step: int = 16,
         unbiased: bool = False,
         stabilize: int | None = None,
         generator: torch.Generator | None = None,

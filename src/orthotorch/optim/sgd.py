@@ -52,7 +52,7 @@ class OrthogonalSGD(GivensOptimizer):
       ``networkx.Graph`` of allowed row pairs, a group option), probability ``1/C``. Rows off the graph
       never move.
     - ``"full"``: all n−1 rounds of the 1-factorisation per step (a deterministic Givens sweep, O(n²k)); the
-      reference that the stochastic samplers approximate. ``matchings_per_step`` must be 1.
+      reference that the stochastic samplers approximate. ``matchings_per_step`` is ignored.
 
     **Momentum** (heavy ball, torch's dampening/Nesterov conventions). The buffer ``B ← μB + (1−τ)G`` lives in
     the ambient space, drives the rotations (``D = B``, or ``D = G + μB`` with Nesterov) and is *transported*
@@ -83,9 +83,12 @@ class OrthogonalSGD(GivensOptimizer):
         weight_decay: L2 penalty (unconstrained and Riemannian parameters only).
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening = 0``).
         maximize: maximise the objective instead.
-        sampler: one of ``"random"``, ``"round_robin"``, ``"round_robin_shuffled"``, ``"greedy"``,
-            ``"colouring"``, ``"full"``.
-        matchings_per_step: m ≥ 1 matchings per step, all driven by the same gradient (each one O(nk) pass).
+        sampler: one of ``"random"`` (default; round_robin is within noise of it in the benchmark),
+            ``"round_robin"``, ``"round_robin_shuffled"``, ``"greedy"``, ``"colouring"``, ``"full"``.
+        matchings_per_step: m ≥ 1 matchings per step, all driven by the same gradient (each one O(nk)
+            pass). Default 16, chosen by ``benchmarks/optimizers.py``: one matching moves only about
+            1/(n−1) of the gradient, and m = 16 reached the targets fastest in wall clock in 6 of 7
+            problems (docs/optim.md). Use 1 for the cheapest possible step.
         unbiased: scale angles by ``1/(m·p_e)`` so the expected step equals the full step ``−lr·W``.
         stabilize: re-project every N steps (None: never).
         generator: ``torch.Generator`` for the matchings (default: fixed seed, see above).
@@ -112,7 +115,7 @@ class OrthogonalSGD(GivensOptimizer):
         *,
         maximize: bool = False,
         sampler: str = "random",
-        matchings_per_step: int = 1,
+        matchings_per_step: int = 16,
         unbiased: bool = False,
         stabilize: int | None = None,
         generator: torch.Generator | None = None,
