@@ -192,7 +192,16 @@ def _kabsch_optimum(m: torch.Tensor, nmat: torch.Tensor) -> torch.Tensor:
             {"lr": 0.3, "sampler": "random", "matchings_per_step": 4, "momentum": 0.5},
         ),
         (OrthogonalSGD, {"lr": 0.3, "sampler": "greedy", "matchings_per_step": 2}),
-        (OrthogonalSGD, {"lr": 0.1, "sampler": "round_robin", "nesterov": True, "momentum": 0.5}),
+        (
+            OrthogonalSGD,
+            {
+                "lr": 0.1,
+                "sampler": "round_robin",
+                "nesterov": True,
+                "momentum": 0.5,
+                "matchings_per_step": 1,
+            },
+        ),
         (OrthogonalSGD, {"lr": 0.3, "sampler": "full"}),
         (OrthogonalAdam, {"lr": 0.05, "sampler": "random", "matchings_per_step": 4}),
     ],
@@ -701,3 +710,23 @@ def test_failed_add_param_group_leaves_optimizer_unchanged():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 2))], "manifold": "so"})
     assert len(opt.param_groups) == 1
     copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+def test_half_precision_descends_and_stabilize_bounds_the_drift(dtype, cls):
+    d = 16
+    p = torch.nn.Parameter(_orth(d, dtype=dtype))
+    target = _orth(d, dtype=dtype)
+    lr = 0.1 if cls is OrthogonalSGD else 0.01
+    opt = cls([{"params": [p], "manifold": "so"}], lr=lr, stabilize=5)
+    losses = []
+    for _ in range(50):
+        opt.zero_grad()
+        loss = 0.5 * ((p.float() - target.float()) ** 2).sum()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert p.dtype == dtype
+    assert losses[-1] < 0.5 * losses[0]
+    assert orth_error(p.detach().double()) < 0.05

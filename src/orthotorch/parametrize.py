@@ -261,6 +261,48 @@ class SkewOrthogonal(nn.Module):
         return x.new_zeros(*self.layout.batch, n, k)
 
 
+class _GivensRounds(torch.autograd.Function):
+    """``R_last(θ_last) … R_1(θ_1) @ base`` with an ``O(nk)``-memory backward.
+
+    Nothing per round is saved: the backward walks the rounds in reverse, undoing each rotation on the
+    output (``x ← R(−θ) x``) and on the gradient (``g ← R(θ)ᵀ g``); for pair ``(i, j)`` of a round,
+    ``∂ℓ/∂θ = ⟨g_i, x_j⟩ − ⟨x_i, g_j⟩`` evaluated after the rotation (``pair_coefficients``).
+    """
+
+    @staticmethod
+    def forward(ctx, theta, base, sizes, pi, pj):  # type: ignore[override]
+        from orthotorch.manifolds.givens import rotate_pairs_
+
+        x = base.to(theta.dtype).clone(memory_format=torch.contiguous_format)
+        start = 0
+        for size in sizes:
+            stop = start + size
+            rotate_pairs_(x, pi[start:stop], pj[start:stop], theta[..., start:stop])
+            start = stop
+        ctx.save_for_backward(theta, x, pi, pj)
+        ctx.sizes = sizes
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gx):  # type: ignore[override]
+        from orthotorch.manifolds.givens import pair_coefficients, rotate_pairs_
+
+        theta, x, pi, pj = ctx.saved_tensors
+        x = x.clone()
+        g = gx.to(x.dtype).clone(memory_format=torch.contiguous_format)
+        gtheta = torch.empty_like(theta)
+        stop = theta.shape[-1]
+        for size in reversed(ctx.sizes):
+            start = stop - size
+            i, j, th = pi[start:stop], pj[start:stop], theta[..., start:stop]
+            gtheta[..., start:stop] = pair_coefficients(x, g, i, j)
+            rotate_pairs_(x, i, j, -th)
+            rotate_pairs_(g, i, j, -th)
+            stop = start
+        return gtheta, None, None, None, None
+
+
 class GivensOrthogonal(nn.Module):
     """Givens parametrization: weight = ``layout(R(θ) @ base)``.
 
@@ -268,7 +310,8 @@ class GivensOrthogonal(nn.Module):
     of the round-robin 1-factorisation of ``n`` rows (``orthotorch.graph_sampling.round_robin``), each
     pair by its own angle (``n(n−1)/2`` angles in all, det +1). ``base`` ``(*batch, n, k)`` is a buffer
     set by :meth:`right_inverse` (which returns zero angles). Cost: ``n−1`` sequential rounds of
-    ``O(nk)`` each, ``O(n²k)`` in all; memory one saved copy of the weight per round.
+    ``O(nk)`` each, ``O(n²k)`` in all, forward and backward; memory ``O(nk)`` (the backward undoes the
+    rotations instead of saving one copy of the weight per round).
     """
 
     def __init__(
@@ -290,7 +333,7 @@ class GivensOrthogonal(nn.Module):
                 f"method='givens' needs at least 2 rows, got a weight of shape {layout.shape}"
             )
         rounds = round_robin(n, device=device)
-        self._sizes = [len(m) for m in rounds]
+        self._sizes = tuple(len(m) for m in rounds)
         self.register_buffer("pair_i", torch.cat([m.i for m in rounds]), persistent=False)
         self.register_buffer("pair_j", torch.cat([m.j for m in rounds]), persistent=False)
         self.num_angles = int(self.pair_i.numel())
@@ -299,16 +342,7 @@ class GivensOrthogonal(nn.Module):
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         """``theta`` ``(*batch, n(n−1)/2)`` → the weight (layout shape)."""
-        from orthotorch.manifolds.givens import rotate_pairs
-
-        x = self.base.to(theta.dtype)
-        start = 0
-        for size in self._sizes:
-            stop = start + size
-            x = rotate_pairs(
-                x, self.pair_i[start:stop], self.pair_j[start:stop], theta[..., start:stop]
-            )
-            start = stop
+        x = _GivensRounds.apply(theta, self.base, self._sizes, self.pair_i, self.pair_j)
         return self.layout.from_tall(x)
 
     @torch.no_grad()

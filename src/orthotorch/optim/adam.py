@@ -55,7 +55,11 @@ class OrthogonalAdam(GivensOptimizer):
         weight_decay: L2 penalty (unconstrained and Riemannian parameters only).
         amsgrad: use the running maximum of ``v``.
         maximize, sampler, matchings_per_step, unbiased, stabilize, generator, graph, nonfinite, foreach:
-            as in :class:`OrthogonalSGD`.
+            as in :class:`OrthogonalSGD` (default ``matchings_per_step=16``; the second moment is updated
+            once per matching).
+
+    Half precision (bfloat16/float16) works with angles in float32, but every rotation rounds at the
+    weight's precision: set ``stabilize`` (e.g. 5–10) there.
     """
 
     def __init__(
