@@ -164,7 +164,11 @@ def test_edge_colouring_bad_graphs():
 
 @pytest.mark.parametrize(
     "sampler",
-    [RandomMatchingSampler(6), RoundRobinSampler(6, shuffle=True), ColouringSampler(6, nx.cycle_graph(6))],
+    [
+        RandomMatchingSampler(6),
+        RoundRobinSampler(6, shuffle=True),
+        ColouringSampler(6, nx.cycle_graph(6)),
+    ],
     ids=["random", "rr-shuffled", "colouring"],
 )
 def test_samplers_give_unbiased_estimates(sampler):

@@ -131,8 +131,8 @@ def run_demo(
             sampler="random",
             matchings_per_step=16,
         ),
-        "geoopt RiemannianSGD (EuclideanStiefel, momentum 0.9)": lambda p: geoopt.optim.RiemannianSGD(
-            [p], lr=0.05, momentum=0.9
+        "geoopt RiemannianSGD (EuclideanStiefel, momentum 0.9)": lambda p: (
+            geoopt.optim.RiemannianSGD([p], lr=0.05, momentum=0.9)
         ),
         "torch SGD (unconstrained, momentum 0.9)": lambda p: torch.optim.SGD(
             [p], lr=0.05, momentum=0.9
@@ -150,10 +150,14 @@ def run_demo(
             name, make, q, w0, batch=batch, noise=noise, seconds=seconds, target=target, seed=seed
         )
         results.append(res)
-        marks = "  ".join(f"{t:4.1f}s:{dist:.3f}" for t, dist in res.trace[:: max(1, len(res.trace) // 6)])
+        marks = "  ".join(
+            f"{t:4.1f}s:{dist:.3f}" for t, dist in res.trace[:: max(1, len(res.trace) // 6)]
+        )
         printer(f"{name}\n    distance over time  {marks}")
     printer("")
-    header = f"{'method':<64} {'steps':>7} {'ms/step':>8} {'t→target':>9} {'distance':>9} {'‖WᵀW−I‖':>9}"
+    header = (
+        f"{'method':<64} {'steps':>7} {'ms/step':>8} {'t→target':>9} {'distance':>9} {'‖WᵀW−I‖':>9}"
+    )
     printer(header)
     printer("-" * len(header))
     for r in results:

@@ -3,6 +3,13 @@
 Stiefel points are tall ``(..., n, k)`` with ``XᵀX = I_k``; the library rotates rows.
 """
 
+from orthotorch.manifolds.cwy import (
+    cwy,
+    cwy_columns,
+    householder_product,
+    householder_vectors,
+    tcwy,
+)
 from orthotorch.manifolds.givens import (
     check_matching,
     givens_matrix,
@@ -27,10 +34,15 @@ __all__ = [
     "SpecialOrthogonalGroup",
     "Stiefel",
     "check_matching",
+    "cwy",
+    "cwy_columns",
     "givens_matrix",
     "givens_step_",
+    "householder_product",
+    "householder_vectors",
     "pair_coefficients",
     "rotate_pairs",
     "rotate_pairs_",
     "skew_generator",
+    "tcwy",
 ]
