@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import env_header, fmt, markdown_table, median_time, write_doc  # noqa: E402
-
-from orthotorch.graph_sampling import random_matching  # noqa: E402
-from orthotorch.manifolds import _native  # noqa: E402
-from orthotorch.manifolds.givens import givens_step_  # noqa: E402
+from _harness import env_header, fmt, markdown_table, median_time, write_doc
+from orthotorch.graph_sampling import random_matching
+from orthotorch.manifolds import _native
+from orthotorch.manifolds.givens import givens_step_
 
 
 def bench_shape(n: int, k: int, *, repeats: int, slow_budget: float) -> dict[str, float]:
@@ -71,21 +70,30 @@ def bench_shape(n: int, k: int, *, repeats: int, slow_budget: float) -> dict[str
     gp.grad = grad.clone()
     ropt = geoopt.optim.RiemannianSGD([gp], lr=lr)
     est = median_time(ropt.step, repeats=1, warmup=0, min_time=0)
-    out["geoopt"] = est if est > slow_budget else median_time(ropt.step, repeats=slow_reps, warmup=1)
+    out["geoopt"] = (
+        est if est > slow_budget else median_time(ropt.step, repeats=slow_reps, warmup=1)
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, fewer repeats (≈1 minute)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         squares, talls, repeats, budget = [256, 512, 1024, 2048], [(4096, 64)], 5, 0.5
     else:
-        squares, talls, repeats, budget = [256, 512, 1024, 2048, 4096], [(4096, 64), (16384, 256)], 9, 1.0
+        squares, talls, repeats, budget = (
+            [256, 512, 1024, 2048, 4096],
+            [(4096, 64), (16384, 256)],
+            9,
+            1.0,
+        )
 
     print(env_header())
     print(f"native kernel: {_native.status()}\n")
@@ -140,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     body = (
         "# Givens matching step vs SGD, QR retraction and geoopt\n\n"
-        "Produced by `python benchmarks/givens_step.py" + (" --quick" if args.quick else "") + "`.\n"
+        "Produced by `python benchmarks/givens_step.py"
+        + (" --quick" if args.quick else "")
+        + "`.\n"
         "One step on a float32 weight with a given gradient; median of repeats (ms). The matching step "
         "includes sampling the random perfect matching. Ratios are within this run.\n\n"
         + env_header()

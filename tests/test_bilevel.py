@@ -467,22 +467,15 @@ def test_module_with_torch_orthogonal_parametrization():
     _check_parametrized(model)
 
 
-# "tcwy"/"cwy"/"givens" use custom autograd Functions; until they support torch.func (setup_context,
-# a twice-differentiable backward) the module path must fail with a clear TypeError, not a crash
-@pytest.mark.parametrize("method", ["matrix_exp", "cayley", "tcwy", "givens"])
-def test_module_with_orthotorch_parametrize_if_available(method):
-    parametrize = pytest.importorskip("orthotorch.parametrize")
-    if not hasattr(parametrize, "orthogonal"):
-        pytest.skip("orthotorch.parametrize.orthogonal not available yet")
+# orthotorch's own parametrizations switch to plain differentiable ops under torch.func transforms, so
+# exact/UFOM hypergradients (HVPs) work through every method
+@pytest.mark.parametrize("method", ["matrix_exp", "cayley", "tcwy", "cwy", "givens"])
+def test_module_with_orthotorch_parametrize(method):
+    from orthotorch import parametrize
+
     torch.manual_seed(0)
     layer = nn.Linear(4, 4).double()
     parametrize.orthogonal(layer, "weight", method=method)  # in place, like torch's
-    if method in ("tcwy", "givens"):
-        try:
-            _check_parametrized(layer)
-        except TypeError as exc:
-            assert "setup_context" in str(exc) and "matrix_exp" in str(exc)
-        return
     _check_parametrized(layer)
 
 

@@ -342,6 +342,16 @@ class GivensOrthogonal(nn.Module):
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         """``theta`` ``(*batch, n(n−1)/2)`` → the weight (layout shape)."""
+        from orthotorch.manifolds.givens import functorch_active, rotate_pairs_autograd
+
+        if functorch_active():  # torch.func transforms: plain ops, differentiable to any order
+            x = self.base.to(theta.dtype)
+            start = 0
+            for size in self._sizes:
+                sl = slice(start, start + size)
+                x = rotate_pairs_autograd(x, self.pair_i[sl], self.pair_j[sl], theta[..., sl])
+                start += size
+            return self.layout.from_tall(x)
         x = _GivensRounds.apply(theta, self.base, self._sizes, self.pair_i, self.pair_j)
         return self.layout.from_tall(x)
 

@@ -108,6 +108,18 @@ class _CWYColumns(torch.autograd.Function):
         return w, None, None
 
 
+def _cwy_columns_autograd(v: torch.Tensor, m: int) -> torch.Tensor:
+    """The forward of :class:`_CWYColumns` in plain differentiable ops (any derivative order, works under
+    ``torch.func`` transforms); used there instead of the analytic backward."""
+    a = v.mT @ v
+    norms = a.diagonal(dim1=-2, dim2=-1).sqrt().unsqueeze(-2)
+    u = v / norms
+    s = (a / norms.mT / norms).triu(diagonal=1)
+    s = s + 0.5 * torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+    y = torch.linalg.solve_triangular(s, u[..., :m, :].mT, upper=True)
+    return _eye(v.shape[-2], m, v) - u @ y
+
+
 def _compute(v: torch.Tensor, m: int, check: bool) -> torch.Tensor:
     """Flatten batch dims, upcast half dtypes to float32, turn autocast off inside, restore."""
     dtype = v.dtype
@@ -117,6 +129,10 @@ def _compute(v: torch.Tensor, m: int, check: bool) -> torch.Tensor:
     if work.shape[0] == 0:
         return v.new_zeros(*batch, d, m)
     dev = v.device.type
+    from orthotorch.manifolds.givens import functorch_active
+
+    if functorch_active():
+        return _cwy_columns_autograd(work, m).reshape(*batch, d, m).to(dtype)
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         with torch.autocast(device_type=dev, enabled=False):
             out = _CWYColumns.apply(work, m, check)

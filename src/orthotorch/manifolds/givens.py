@@ -29,12 +29,14 @@ from orthotorch.manifolds import _native
 
 __all__ = [
     "check_matching",
+    "functorch_active",
     "givens_matrix",
     "givens_step_",
     "native_status",
     "pair_coefficients",
     "rotate_pairs",
     "rotate_pairs_",
+    "rotate_pairs_autograd",
 ]
 
 IndexLike = torch.Tensor | Sequence[int]
@@ -382,6 +384,29 @@ class _RotatePairs(torch.autograd.Function):
         return gx, gtheta, None, None
 
 
+def functorch_active() -> bool:
+    """True inside ``torch.func`` transforms (grad, vjp, jvp, vmap), where custom autograd Functions
+    without ``setup_context`` cannot run and higher-order derivatives are needed: the library then uses
+    plain differentiable torch ops instead of its analytic backward passes."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def rotate_pairs_autograd(
+    x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, theta: torch.Tensor
+) -> torch.Tensor:
+    """:func:`rotate_pairs` through plain torch ops (``index_select``/``index_copy``): differentiable to any
+    order and under ``torch.func`` transforms; slower and saves more for backward."""
+    acc = _acc_dtype(x.dtype)
+    xi, xj = x.index_select(-2, i).to(acc), x.index_select(-2, j).to(acc)
+    th = theta.to(acc)
+    c, s = torch.cos(th).unsqueeze(-1), torch.sin(th).unsqueeze(-1)
+    new_i, new_j = (c * xi + s * xj).to(x.dtype), (c * xj - s * xi).to(x.dtype)
+    shape = (*torch.broadcast_shapes(x.shape[:-2], new_i.shape[:-2]), *x.shape[-2:])
+    out = x.expand(shape)
+    out = out.index_copy(-2, i, new_i.expand(*shape[:-2], *new_i.shape[-2:]))
+    return out.index_copy(-2, j, new_j.expand(*shape[:-2], *new_j.shape[-2:]))
+
+
 def rotate_pairs(
     x: torch.Tensor, i: IndexLike, j: IndexLike, theta: torch.Tensor | float
 ) -> torch.Tensor:
@@ -390,8 +415,9 @@ def rotate_pairs(
     Args:
         x: ``(..., n, k)``.
         i, j: int64 ``(P,)`` disjoint row pairs.
-        theta: ``(P,)`` or ``(..., P)`` angles; gradients flow to ``x`` and ``theta`` (first order; the
-            backward itself is not differentiable).
+        theta: ``(P,)`` or ``(..., P)`` angles; gradients flow to ``x`` and ``theta``. The analytic
+            backward is first order; inside ``torch.func`` transforms (e.g. bilevel hypergradients)
+            plain differentiable ops are used instead (:func:`rotate_pairs_autograd`).
 
     Returns:
         ``(..., n, k)`` rotated copy. Memory: one copy of ``x`` saved for backward.
@@ -401,6 +427,8 @@ def rotate_pairs(
     th = _angles("theta", theta, x, ii.numel())
     if not th.is_floating_point() or th.dtype != x.dtype:
         th = th.to(x.dtype) if x.dtype in (torch.float32, torch.float64) else th.float()
+    if functorch_active():
+        return rotate_pairs_autograd(x, ii, jj, th)
     return _RotatePairs.apply(x, th, ii, jj)
 
 
