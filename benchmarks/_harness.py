@@ -121,14 +121,23 @@ def peak_rss_mb(code: str, *, env: dict[str, str] | None = None, timeout: float 
     """Run ``code`` in a fresh Python process and return its JSON result plus peak RSS (MiB).
 
     ``code`` must print one JSON object on its last stdout line. The peak resident set size
-    (``ru_maxrss``) of a fresh process is the honest CPU memory peak: torch's CPU allocator has no
+    (``VmHWM``, else ``ru_maxrss``) of a fresh process is the honest CPU memory peak: torch's CPU allocator has no
     statistics API. Subtract a baseline process's peak to get the extra memory of an operation.
     """
+    # VmHWM is the peak RSS of this process's own address space (reset by exec). ru_maxrss is not:
+    # Linux carries the parent's high-water mark into a forked/exec'd child, which hides small peaks
+    # when the benchmark process itself is large.
     wrapper = (
-        "import json, resource, sys\n"
-        + code
-        + "\nprint(json.dumps({**(_result if '_result' in globals() else {}), "
-        "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        "import json, resource, sys\n" + code + "\ndef _peak_mb():\n"
+        "    try:\n"
+        "        for line in open('/proc/self/status'):\n"
+        "            if line.startswith('VmHWM:'):\n"
+        "                return int(line.split()[1]) / 1024\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps({**(_result if '_result' in globals() else {}), "
+        "'peak_rss_mb': _peak_mb()}))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", wrapper],

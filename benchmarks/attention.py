@@ -222,7 +222,8 @@ def plots(err, ms, regimes, speed_raw, causal_raw):
     for impl in ("slim", "chunked", "prefix"):
         pts = [(e["L"], e[impl][0]) for e in causal_raw if impl in e]
         a2.loglog([p[0] for p in pts], [max(p[1], 1e-1) for p in pts], "o-", label=impl)
-    a2.set_xticks(lc)
+    a2.set_xticks(lc, [str(x) for x in lc])
+    a2.minorticks_off()
     a2.set_xlabel("L (causal)")
     a2.set_ylabel("extra peak MiB")
     a2.legend()

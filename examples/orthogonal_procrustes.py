@@ -42,7 +42,7 @@ def main() -> None:
         ],
         lr=0.05,
         momentum=0.9,  # momentum is the lever that matters most (docs/optim.md)
-        matchings_per_step=16,  # 16 random matchings per gradient: still O(d²) per step
+        matchings_per_step=16,  # 16 round-robin matchings per gradient: still O(d²) per step
         stabilize=1000,  # optional QR re-projection every 1000 steps
     )
 

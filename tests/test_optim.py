@@ -69,6 +69,7 @@ def test_one_step_equals_matrix_exp_of_sampled_generator(dtype, shape, unbiased)
         unbiased=unbiased,
         generator=gen,
         matchings_per_step=1,
+        sampler="random",
     )
     opt.step()
     n = max(shape)
@@ -93,6 +94,7 @@ def test_first_order_descent_equals_lr_sum_w_squared():
         p.grad = a.clone()
         opt = OrthogonalSGD(
             matchings_per_step=1,
+            sampler="random",
             params=[{"params": [p], "manifold": "stiefel"}],
             lr=lr,
             generator=torch.Generator().manual_seed(3),
@@ -114,6 +116,7 @@ def test_momentum_buffer_is_transported_by_the_same_rotation():
     p = torch.nn.Parameter(x0.clone())
     opt = OrthogonalSGD(
         matchings_per_step=1,
+        sampler="random",
         params=[{"params": [p], "manifold": "orthogonal"}],
         lr=lr,
         momentum=mu,

@@ -23,9 +23,14 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
         results = {}
         for name, cls, kwargs, own_gen in [
-            ("sgd", OrthogonalSGD, {"lr": 0.05, "momentum": 0.9}, False),
-            ("adam", OrthogonalAdam, {"lr": 1e-2, "matchings_per_step": 2}, False),
-            ("control", OrthogonalSGD, {"lr": 0.05}, True),
+            ("sgd", OrthogonalSGD, {"lr": 0.05, "momentum": 0.9, "sampler": "random"}, False),
+            (
+                "adam",
+                OrthogonalAdam,
+                {"lr": 1e-2, "matchings_per_step": 2, "sampler": "random"},
+                False,
+            ),
+            ("control", OrthogonalSGD, {"lr": 0.05, "sampler": "random"}, True),
         ]:
             torch.manual_seed(0)  # same initial model on every rank
             model = torch.nn.Sequential(

@@ -13,13 +13,16 @@
 
 #define GRAIN 32768
 
+static inline float cm1_f32(float t) { float h = sinf(0.5f * t); return -2.0f * h * h; }
+static inline double cm1_f64(double t) { double h = sin(0.5 * t); return -2.0 * h * h; }
+
 static int check_idx(const int64_t *I, const int64_t *J, int64_t P, int64_t n) {
     for (int64_t p = 0; p < P; p++)
         if (I[p] < 0 || I[p] >= n || J[p] < 0 || J[p] >= n) return -1;
     return 0;
 }
 
-#define DEFINE_KERNELS(T, SFX, COS, SIN)                                                              \
+#define DEFINE_KERNELS(T, SFX, CM1, SIN)                                                              \
     static inline void coef_pair_##SFX(const T *x, int64_t xrs, int64_t xcs, const T *g, int64_t grs,  \
                                        int64_t gcs, int64_t i, int64_t j, int64_t k, T *out) {         \
         const T *xi = x + i * xrs, *xj = x + j * xrs, *gi = g + i * grs, *gj = g + j * grs;           \
@@ -37,12 +40,14 @@ static int check_idx(const int64_t *I, const int64_t *J, int64_t P, int64_t n) {
         }                                                                                             \
         *out = a - b;                                                                                 \
     }                                                                                                 \
-    static inline void rot_pair_##SFX(T *x, int64_t xrs, int64_t i, int64_t j, int64_t k, T c, T s) { \
+    /* Increment form x += (c - 1) x + s y with c - 1 = -2 sin^2(theta/2): for small angles cos(theta) \
+     * rounds to 1 and the plain form scales the rows by sqrt(1 + theta^2) every step (float32 drift). */ \
+    static inline void rot_pair_##SFX(T *x, int64_t xrs, int64_t i, int64_t j, int64_t k, T cm1, T s) { \
         T *xi = x + i * xrs, *xj = x + j * xrs;                                                       \
         _Pragma("omp simd") for (int64_t t = 0; t < k; t++) {                                         \
             T u = xi[t], v = xj[t];                                                                   \
-            xi[t] = c * u + s * v;                                                                    \
-            xj[t] = c * v - s * u;                                                                    \
+            xi[t] = u + (cm1 * u + s * v);                                                            \
+            xj[t] = v + (cm1 * v - s * u);                                                            \
         }                                                                                             \
     }                                                                                                 \
     int ot_coeffs_##SFX(const T *x, int64_t xbs, int64_t xrs, int64_t xcs, const T *g, int64_t gbs,   \
@@ -93,7 +98,7 @@ static int check_idx(const int64_t *I, const int64_t *J, int64_t P, int64_t n) {
             for (int64_t q = 0; q < total; q++) {                                                     \
                 int64_t b = q / P, p = q % P;                                                         \
                 T th = mult * theta[b * tbs + p] * (scale ? scale[b * sbs + p] : (T)1);               \
-                rot_pair_##SFX(x + b * xbs, xrs, I[p], J[p], k, COS(th), SIN(th));                    \
+                rot_pair_##SFX(x + b * xbs, xrs, I[p], J[p], k, CM1(th), SIN(th));                    \
             }                                                                                         \
         } else {                                                                                      \
             /* rows of x are strided: walk the storage rows t, rotating elements (t, I[p]), (t, J[p]) */ \
@@ -105,18 +110,18 @@ static int check_idx(const int64_t *I, const int64_t *J, int64_t P, int64_t n) {
                     for (int64_t p = 0; p < pn; p++) {                                                \
                         T th = mult * theta[b * tbs + p0 + p] *                                       \
                                (scale ? scale[b * sbs + p0 + p] : (T)1);                              \
-                        cs_buf[2 * p] = COS(th);                                                      \
+                        cs_buf[2 * p] = CM1(th);                                                      \
                         cs_buf[2 * p + 1] = SIN(th);                                                  \
                     }                                                                                 \
                     _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (pn * k > GRAIN)") \
                     for (int64_t t = 0; t < k; t++) {                                                 \
                         T *row = xb + t * xcs;                                                        \
                         for (int64_t p = 0; p < pn; p++) {                                            \
-                            T c = cs_buf[2 * p], s = cs_buf[2 * p + 1];                               \
+                            T cm1 = cs_buf[2 * p], s = cs_buf[2 * p + 1];                             \
                             T *a = row + I[p0 + p] * xrs, *bb = row + J[p0 + p] * xrs;                \
                             T u = *a, v = *bb;                                                        \
-                            *a = c * u + s * v;                                                       \
-                            *bb = c * v - s * u;                                                      \
+                            *a = u + (cm1 * u + s * v);                                               \
+                            *bb = v + (cm1 * v - s * u);                                              \
                         }                                                                             \
                     }                                                                                 \
                 }                                                                                     \
@@ -145,7 +150,7 @@ static int check_idx(const int64_t *I, const int64_t *J, int64_t P, int64_t n) {
                 T *xb = x + b * xbs;                                                                  \
                 coef_pair_##SFX(xb, xrs, 1, g + b * gbs, grs, gcs, I[p], J[p], k, w + q);             \
                 T th = -lr * w[q] * (scale ? scale[b * sbs + p] : (T)1);                              \
-                rot_pair_##SFX(xb, xrs, I[p], J[p], k, COS(th), SIN(th));                             \
+                rot_pair_##SFX(xb, xrs, I[p], J[p], k, CM1(th), SIN(th));                             \
             }                                                                                         \
             return 0;                                                                                 \
         }                                                                                             \
@@ -154,7 +159,7 @@ static int check_idx(const int64_t *I, const int64_t *J, int64_t P, int64_t n) {
         return 0;                                                                                     \
     }
 
-DEFINE_KERNELS(float, f32, cosf, sinf)
-DEFINE_KERNELS(double, f64, cos, sin)
+DEFINE_KERNELS(float, f32, cm1_f32, sinf)
+DEFINE_KERNELS(double, f64, cm1_f64, sin)
 
-int ot_abi_version(void) { return 1; }
+int ot_abi_version(void) { return 2; }

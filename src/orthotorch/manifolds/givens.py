@@ -171,9 +171,12 @@ def _torch_rotate_(x, i, j, theta, xi=None, xj=None) -> None:
     if xi is None:
         xi, xj = x.index_select(-2, i).to(acc), x.index_select(-2, j).to(acc)
     theta = theta.to(acc)
-    c, s = torch.cos(theta).unsqueeze(-1), torch.sin(theta).unsqueeze(-1)
-    new_i = (c * xi + s * xj).to(x.dtype)
-    new_j = (c * xj - s * xi).to(x.dtype)
+    # increment form with c − 1 = −2 sin²(θ/2): cos θ rounds to 1 for small θ, and c·x + s·y would then
+    # scale the rows by sqrt(1 + θ²) each step (systematic float32 drift)
+    cm1 = (-2.0 * torch.sin(0.5 * theta) ** 2).unsqueeze(-1)
+    s = torch.sin(theta).unsqueeze(-1)
+    new_i = (xi + (cm1 * xi + s * xj)).to(x.dtype)
+    new_j = (xj + (cm1 * xj - s * xi)).to(x.dtype)
     x.index_copy_(-2, i, new_i.expand(*x.shape[:-2], *new_i.shape[-2:]))
     x.index_copy_(-2, j, new_j.expand(*x.shape[:-2], *new_j.shape[-2:]))
 

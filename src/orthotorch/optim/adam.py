@@ -72,7 +72,7 @@ class OrthogonalAdam(GivensOptimizer):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
-        sampler: str = "random",
+        sampler: str = "round_robin",
         matchings_per_step: int = 16,
         unbiased: bool = False,
         stabilize: int | None = None,
