@@ -340,51 +340,17 @@ def digits_experiment(
         evaluate=evaluator,
         progress=progress,
     )
-    results = []
-    model = fresh()
-    results.append(
-        meta_train(
-            model,
-            sample,
-            _ce_loss(model),
-            method="exact",
-            iterations=exact_iterations,
-            generator=torch.Generator().manual_seed(seed + 1),
-            **common,
-        )
+    results = _compare_methods(
+        fresh,
+        sample,
+        _ce_loss,
+        common,
+        exact_iterations,
+        ufom_q,
+        ufom_coins,
+        ufom_budget_fraction,
+        seed,
     )
-    budget = results[0].cost * ufom_budget_fraction
-    pct = f"{ufom_budget_fraction:.0%}"
-    runs: list[tuple[str, Any, float, str, str]] = [
-        (
-            "ufom",
-            ufom_q,
-            budget,
-            f"ufom q={ufom_q}{'' if c == 'task' else ' batch coin'} ({pct})",
-            c,
-        )
-        for c in ufom_coins
-    ]
-    runs += [
-        ("fom", None, budget, f"fom ({pct})", "task"),
-        ("fom", None, results[0].cost, "fom (100%)", "task"),
-    ]
-    for method, q, b, label, coin in runs:
-        model = fresh()
-        results.append(
-            meta_train(
-                model,
-                sample,
-                _ce_loss(model),
-                method=method,
-                q=q,
-                coin=coin,
-                budget=b,
-                generator=torch.Generator().manual_seed(seed + 1),
-                label=label,
-                **common,
-            )
-        )
     model = fresh()
     acc = evaluator(model)
     results.append(RunResult("no meta-training", "-", None, 0, 0.0, 0.0, *acc))
@@ -440,51 +406,17 @@ def sinusoid_experiment(
         evaluate=evaluator,
         progress=progress,
     )
-    model = fresh()
-    results = [
-        meta_train(
-            model,
-            sample,
-            _mse_loss(model),
-            method="exact",
-            iterations=exact_iterations,
-            generator=torch.Generator().manual_seed(seed + 1),
-            **common,
-        )
-    ]
-    budget = results[0].cost * ufom_budget_fraction
-    pct = f"{ufom_budget_fraction:.0%}"
-    runs: list[tuple[str, Any, float, str, str]] = [
-        (
-            "ufom",
-            ufom_q,
-            budget,
-            f"ufom q={ufom_q}{'' if c == 'task' else ' batch coin'} ({pct})",
-            c,
-        )
-        for c in ufom_coins
-    ]
-    runs += [
-        ("fom", None, budget, f"fom ({pct})", "task"),
-        ("fom", None, results[0].cost, "fom (100%)", "task"),
-    ]
-    for method, q, b, label, coin in runs:
-        model = fresh()
-        results.append(
-            meta_train(
-                model,
-                sample,
-                _mse_loss(model),
-                method=method,
-                q=q,
-                coin=coin,
-                budget=b,
-                generator=torch.Generator().manual_seed(seed + 1),
-                label=label,
-                **common,
-            )
-        )
-    return results
+    return _compare_methods(
+        fresh,
+        sample,
+        _mse_loss,
+        common,
+        exact_iterations,
+        ufom_q,
+        ufom_coins,
+        ufom_budget_fraction,
+        seed,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -614,3 +546,64 @@ def plot_curves(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _compare_methods(
+    fresh: Any,
+    sample: Any,
+    make_loss: Any,
+    common: dict[str, Any],
+    exact_iterations: int,
+    ufom_q: float,
+    ufom_coins: Any,
+    ufom_budget_fraction: float,
+    seed: int,
+) -> list[RunResult]:
+    """Exact for ``exact_iterations``, then UFOM (one run per coin mode) and FOM at
+    ``ufom_budget_fraction`` of exact's compute and FOM at 100%, each from a fresh model and the same
+    task stream."""
+    model = fresh()
+    results = [
+        meta_train(
+            model,
+            sample,
+            make_loss(model),
+            method="exact",
+            iterations=exact_iterations,
+            generator=torch.Generator().manual_seed(seed + 1),
+            **common,
+        )
+    ]
+    budget = results[0].cost * ufom_budget_fraction
+    pct = f"{ufom_budget_fraction:.0%}"
+    runs: list[tuple[str, Any, float, str, str]] = [
+        (
+            "ufom",
+            ufom_q,
+            budget,
+            f"ufom q={ufom_q}{'' if c == 'task' else ' batch coin'} ({pct})",
+            c,
+        )
+        for c in ufom_coins
+    ]
+    runs += [
+        ("fom", None, budget, f"fom ({pct})", "task"),
+        ("fom", None, results[0].cost, "fom (100%)", "task"),
+    ]
+    for method, q, b, label, coin in runs:
+        model = fresh()
+        results.append(
+            meta_train(
+                model,
+                sample,
+                make_loss(model),
+                method=method,
+                q=q,
+                coin=coin,
+                budget=b,
+                generator=torch.Generator().manual_seed(seed + 1),
+                label=label,
+                **common,
+            )
+        )
+    return results
