@@ -643,3 +643,19 @@ def test_cuda_paths():
             assert tangent_err(y, w) < 1e-10
             cpu = type(m)(*((m.n, m.k) if type(m) is Stiefel else (m.n,)), retraction=r)
             torch.testing.assert_close(y.cpu(), cpu.retr(x.cpu(), u.cpu()), atol=1e-10, rtol=0)
+
+
+def test_so_component_correct_at_large_d_float32():
+    """torch.linalg.det of a float32 orthogonal matrix underflows to ±0 from d ≈ 512: the SO(d) class
+    must still see the sign (projx, random_, point check)."""
+    d = 768
+    gen = torch.Generator().manual_seed(0)
+    m = SpecialOrthogonalGroup(d)
+    q = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+    if torch.linalg.slogdet(q)[0] > 0:
+        q[:, 0] = -q[:, 0]  # a reflection, det −1
+    p = m.projx(q)
+    assert torch.linalg.slogdet(p.double())[0] > 0
+    assert torch.linalg.slogdet(m.random_(d, d, generator=gen).double())[0] > 0
+    ok, _ = m._check_point_on_manifold(q, atol=1e-4, rtol=1e-4)
+    assert not ok
