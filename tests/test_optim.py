@@ -528,7 +528,7 @@ def test_wide_linear_weight_keeps_orthonormal_rows():
         loss = ((layer(x) - y) ** 2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     w = layer.weight.detach()
     torch.testing.assert_close(w @ w.mT, torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0)
     assert losses[-1] < losses[0]
