@@ -729,7 +729,7 @@ def test_half_precision_descends_and_stabilize_bounds_the_drift(dtype, cls):
         loss = 0.5 * ((p.float() - target.float()) ** 2).sum()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert p.dtype == dtype
     assert losses[-1] < 0.5 * losses[0]
     assert orth_error(p.detach().double()) < 0.05
