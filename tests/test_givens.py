@@ -242,3 +242,31 @@ def test_float32_small_angle_drift_is_not_systematic(path):
         givens_step_(x, g, m.i, m.j, lr)
     err = float((x.double().T @ x.double() - torch.eye(d, dtype=torch.float64)).norm())
     assert err < 2e-4, err
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("alias", [False, True])
+def test_step_co_rotate_equals_separate_rotation(path, layout, alias):
+    """co_rotate turns a second tensor (a momentum buffer, possibly the driver itself) by the same angles."""
+    n, k, lr = 14, 5, 0.4
+    x = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))[0]
+    g = torch.randn(n, k, dtype=torch.float64)
+    y = g.clone() if alias else torch.randn(n, k, dtype=torch.float64)
+    if layout == "transposed":
+        x, g, y = (t.T.contiguous().T for t in (x, g, y))
+    i, j = matching(n, 2)
+    scale = torch.rand(i.numel(), dtype=torch.float64) + 0.5
+    w_ref = (g @ x.T - x @ g.T)[i, j]
+    theta = -lr * w_ref * scale
+    x_ref = rotate_pairs_(x.clone(), i, j, theta)
+    y_ref = rotate_pairs_(y.clone(), i, j, theta)
+    x2 = x.clone() if layout == "contiguous" else x.T.contiguous().T
+    if alias:
+        drv = y.clone() if layout == "contiguous" else y.T.contiguous().T
+        w = givens_step_(x2, drv, i, j, lr, scale=scale, co_rotate=drv)
+        y2 = drv
+    else:
+        y2 = y.clone() if layout == "contiguous" else y.T.contiguous().T
+        w = givens_step_(x2, g, i, j, lr, scale=scale, co_rotate=y2)
+    assert torch.allclose(w, w_ref, atol=1e-12)
+    assert torch.allclose(x2, x_ref, atol=1e-12) and torch.allclose(y2, y_ref, atol=1e-12)

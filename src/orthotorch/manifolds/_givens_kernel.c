@@ -157,9 +157,29 @@ static int check_idx(const int64_t *I, const int64_t *J, int64_t P, int64_t n) {
         ot_coeffs_##SFX(x, xbs, xrs, xcs, g, gbs, grs, gcs, I, J, B, n, P, k, w, nthreads);           \
         rotate_core_##SFX(x, xbs, xrs, xcs, I, J, B, P, k, w, P, -lr, scale, sbs, nthreads);          \
         return 0;                                                                                     \
+    }                                                                                                 \
+    /* Fused step that also rotates y (e.g. a momentum buffer, possibly y == g) by the same angles;   \
+     * rows of x and y contiguous (cs == 1). y is rotated after the pair's coefficient is read. */    \
+    int ot_step2_##SFX(T *x, int64_t xbs, int64_t xrs, const T *g, int64_t gbs, int64_t grs,          \
+                       int64_t gcs, T *y, int64_t ybs, int64_t yrs, const int64_t *I,                 \
+                       const int64_t *J, int64_t B, int64_t n, int64_t P, int64_t k, T lr,            \
+                       const T *scale, int64_t sbs, T *w, int nthreads) {                             \
+        if (check_idx(I, J, P, n)) return -1;                                                         \
+        int64_t total = B * P;                                                                        \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static) if (total * k > GRAIN)")     \
+        for (int64_t q = 0; q < total; q++) {                                                         \
+            int64_t b = q / P, p = q % P;                                                             \
+            T *xb = x + b * xbs;                                                                      \
+            coef_pair_##SFX(xb, xrs, 1, g + b * gbs, grs, gcs, I[p], J[p], k, w + q);                 \
+            T th = -lr * w[q] * (scale ? scale[b * sbs + p] : (T)1);                                  \
+            T cm1 = CM1(th), sn = SIN(th);                                                            \
+            rot_pair_##SFX(xb, xrs, I[p], J[p], k, cm1, sn);                                          \
+            rot_pair_##SFX(y + b * ybs, yrs, I[p], J[p], k, cm1, sn);                                 \
+        }                                                                                             \
+        return 0;                                                                                     \
     }
 
 DEFINE_KERNELS(float, f32, cm1_f32, sinf)
 DEFINE_KERNELS(double, f64, cm1_f64, sin)
 
-int ot_abi_version(void) { return 2; }
+int ot_abi_version(void) { return 3; }

@@ -81,6 +81,27 @@ def _declare(lib: ctypes.CDLL) -> None:
         f = getattr(lib, f"ot_rotate_{sfx}")
         f.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64, cint]
         f.restype = cint
+        f = getattr(lib, f"ot_step2_{sfx}")
+        f.argtypes = [
+            ptr,
+            i64,
+            i64,
+            ptr,
+            i64,
+            i64,
+            i64,
+            ptr,
+            i64,
+            i64,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+        ]
+        f.argtypes += [real, ptr, i64, ptr, cint]
+        f.restype = cint
         f = getattr(lib, f"ot_step_{sfx}")
         f.argtypes = [
             ptr,

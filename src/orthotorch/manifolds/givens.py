@@ -295,6 +295,7 @@ def givens_step_(
     lr: float,
     *,
     scale: torch.Tensor | None = None,
+    co_rotate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused descent step on a matching: ``W = pair_coefficients(x, g, i, j)``, then rotate ``x`` in place
     by ``θ = −lr·W·scale``, i.e. ``x ← expm(−lr·W_M) x`` with ``W_M`` the generator restricted to the pairs.
@@ -306,6 +307,8 @@ def givens_step_(
         lr: step size.
         scale: optional per-pair multipliers ``(P,)`` or ``(..., P)`` (e.g. ``1/p_e`` for the unbiased
             estimate of the full step).
+        co_rotate: optional ``(..., n, k)`` tensor (e.g. a momentum buffer; may be ``g`` itself) rotated
+            in place by the same angles, in the same pass on CPU when rows are contiguous.
 
     Returns:
         ``W`` on the pairs, ``(..., P)`` (computed before the rotation). One pass over the rows on CPU.
@@ -314,6 +317,15 @@ def givens_step_(
     ii, jj = _pairs(x, i, j)
     n, num_pairs = x.shape[-2], ii.numel()
     sc = None if scale is None else _angles("scale", scale, x, num_pairs)
+    if co_rotate is not None:
+        _check_pair_inputs(x, co_rotate)
+        w = _step_co_rotate(x, g, co_rotate, ii, jj, lr, sc)
+        if w is not None:
+            return w
+        w = givens_step_(x, g, ii, jj, lr, scale=sc)
+        theta = -lr * w if sc is None else -lr * w * sc.to(w.dtype)
+        rotate_pairs_(co_rotate, ii, jj, theta)
+        return w
     if _use_native(x, g):
         bx, bg = _batched_view(x), _batched_view(g)
         if bx is not None and bg is not None:
@@ -354,6 +366,48 @@ def givens_step_(
     theta = -lr * w if sc is None else -lr * w * sc.to(acc)
     _torch_rotate_(x, ii, jj, theta, xi, xj)
     return w
+
+
+def _step_co_rotate(x, g, y, ii, jj, lr, sc) -> torch.Tensor | None:
+    """Native one-pass step that also rotates ``y``; ``None`` when the layout does not allow it."""
+    if not _use_native(x, g, y) or y.dtype != x.dtype:
+        return None
+    bx, bg, by = _batched_view(x), _batched_view(g), _batched_view(y)
+    if bx is None or bg is None or by is None or bx[4] != 1 or by[4] != 1:
+        return None
+    _, batch, xbs, xrs, _ = bx
+    _, _, gbs, grs, gcs = bg
+    _, _, ybs, yrs, _ = by
+    n, num_pairs = x.shape[-2], ii.numel()
+    w = torch.empty(batch, num_pairs, dtype=x.dtype)
+    sflat, sbs = (None, 0) if sc is None else _flat_param(sc, x, num_pairs)
+    lib = _native.get_lib()
+    fn = lib.ot_step2_f32 if x.dtype == torch.float32 else lib.ot_step2_f64
+    rc = fn(
+        _ptr(x),
+        xbs,
+        xrs,
+        _ptr(g),
+        gbs,
+        grs,
+        gcs,
+        _ptr(y),
+        ybs,
+        yrs,
+        _ptr(ii),
+        _ptr(jj),
+        batch,
+        n,
+        num_pairs,
+        x.shape[-1],
+        float(lr),
+        _ptr(sflat),
+        sbs,
+        _ptr(w),
+        torch.get_num_threads(),
+    )
+    _raise_index(rc, n)
+    return w.view(*x.shape[:-2], num_pairs)
 
 
 def _check_range(i: torch.Tensor, j: torch.Tensor, n: int) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.optimizer import _get_scalar_dtype
 
-from orthotorch.manifolds.givens import givens_step_, pair_coefficients, rotate_pairs_
+from orthotorch.manifolds.givens import givens_step_, pair_coefficients
 from orthotorch.optim._base import GivensOptimizer, _check_number, _ParamInfo
 
 __all__ = ["OrthogonalAdam"]
@@ -209,8 +209,8 @@ class OrthogonalAdam(GivensOptimizer):
             inv = 1.0 / (pair_v.sqrt() + eps)
             if scale is not None:
                 inv = inv * scale.to(acc)
-            w = givens_step_(x, m, i, j, step_size, scale=inv)
-            rotate_pairs_(m, i, j, -step_size * w.to(acc) * inv)
+            # one pass: coefficients from the first moment, rotate the weight and the moment
+            givens_step_(x, m, i, j, step_size, scale=inv, co_rotate=m)
 
     def _riemannian_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
         manifold = p.manifold

@@ -217,10 +217,9 @@ class OrthogonalSGD(GivensOptimizer):
                 w = pair_coefficients(x, g, i, j) + mu * pair_coefficients(x, buf_t, i, j)
                 theta = -lr * w if scale is None else -lr * w * scale.to(w.dtype)
                 rotate_pairs_(x, i, j, theta)
-            else:
-                w = givens_step_(x, buf_t, i, j, lr, scale=scale)
-                theta = -lr * w if scale is None else -lr * w * scale.to(w.dtype)
-            rotate_pairs_(buf_t, i, j, theta)
+                rotate_pairs_(buf_t, i, j, theta)
+            else:  # one pass: coefficients from the buffer, rotate the weight and the buffer
+                givens_step_(x, buf_t, i, j, lr, scale=scale, co_rotate=buf_t)
 
     def _riemannian_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
         manifold = p.manifold
