@@ -55,74 +55,23 @@ def _compiler() -> str | None:
     return None
 
 
+# Argument types of each kernel (see _givens_kernel.c): p = pointer, i = int64, r = the real type,
+# c = int (thread count). Every kernel returns an int status.
+_SIGNATURES = {
+    "coeffs": "piiipiiippiiiipc",
+    "rotate": "piiippiiiipic",
+    "step": "piiipiiippiiiirpipc",
+    "step2": "piipiiipiippiiiirpipc",
+}
+
+
 def _declare(lib: ctypes.CDLL) -> None:
-    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     for sfx, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        f = getattr(lib, f"ot_coeffs_{sfx}")
-        f.argtypes = [
-            ptr,
-            i64,
-            i64,
-            i64,
-            ptr,
-            i64,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-            ptr,
-            cint,
-        ]
-        f.restype = cint
-        f = getattr(lib, f"ot_rotate_{sfx}")
-        f.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64, cint]
-        f.restype = cint
-        f = getattr(lib, f"ot_step2_{sfx}")
-        f.argtypes = [
-            ptr,
-            i64,
-            i64,
-            ptr,
-            i64,
-            i64,
-            i64,
-            ptr,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-        ]
-        f.argtypes += [real, ptr, i64, ptr, cint]
-        f.restype = cint
-        f = getattr(lib, f"ot_step_{sfx}")
-        f.argtypes = [
-            ptr,
-            i64,
-            i64,
-            i64,
-            ptr,
-            i64,
-            i64,
-            i64,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            i64,
-            i64,
-            real,
-            ptr,
-        ]
-        f.argtypes += [i64, ptr, cint]
-        f.restype = cint
+        kinds = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "r": real, "c": ctypes.c_int}
+        for name, sig in _SIGNATURES.items():
+            f = getattr(lib, f"ot_{name}_{sfx}")
+            f.argtypes = [kinds[ch] for ch in sig]
+            f.restype = ctypes.c_int
 
 
 def _build() -> ctypes.CDLL | None:

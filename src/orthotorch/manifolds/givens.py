@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from orthotorch._validation import FLOAT_DTYPES, check_floating, check_matrix, describe
+from orthotorch._validation import check_floating, check_matrix, describe
 from orthotorch.manifolds import _native
 
 __all__ = [
@@ -132,6 +132,12 @@ def _use_native(*tensors: torch.Tensor) -> bool:
     return _native.get_lib() is not None
 
 
+def _kernel(name: str, x: torch.Tensor):
+    """The native function ``ot_<name>_f32`` or ``ot_<name>_f64`` for the dtype of ``x``."""
+    sfx = "f32" if x.dtype == torch.float32 else "f64"
+    return getattr(_native.get_lib(), f"ot_{name}_{sfx}")
+
+
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
@@ -159,11 +165,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # torch path (any device, any dtype, any strides)
 
 
-def _torch_coefficients(x, g, i, j) -> torch.Tensor:
+def _torch_coefficients(x, g, i, j) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_i, x_j, W)`` on the pairs; the gathered rows are reused by the fused step's rotation."""
     acc = _acc_dtype(x.dtype)
     xi, xj = x.index_select(-2, i).to(acc), x.index_select(-2, j).to(acc)
     gi, gj = g.index_select(-2, i).to(acc), g.index_select(-2, j).to(acc)
-    return torch.linalg.vecdot(gi, xj) - torch.linalg.vecdot(xi, gj)
+    return xi, xj, torch.linalg.vecdot(gi, xj) - torch.linalg.vecdot(xi, gj)
 
 
 def _torch_rotate_(x, i, j, theta, xi=None, xj=None) -> None:
@@ -207,11 +214,7 @@ def pair_coefficients(x: torch.Tensor, g: torch.Tensor, i: IndexLike, j: IndexLi
             _, batch, xbs, xrs, xcs = bx
             _, _, gbs, grs, gcs = bg
             out = torch.empty(batch, num_pairs, dtype=x.dtype)
-            fn = (
-                _native.get_lib().ot_coeffs_f32
-                if x.dtype == torch.float32
-                else _native.get_lib().ot_coeffs_f64
-            )
+            fn = _kernel("coeffs", x)
             rc = fn(
                 _ptr(x),
                 xbs,
@@ -232,7 +235,7 @@ def pair_coefficients(x: torch.Tensor, g: torch.Tensor, i: IndexLike, j: IndexLi
             )
             _raise_index(rc, n)
             return out.view(*x.shape[:-2], num_pairs)
-    return _torch_coefficients(x, g, ii, jj)
+    return _torch_coefficients(x, g, ii, jj)[2]
 
 
 @torch.no_grad()
@@ -259,11 +262,7 @@ def rotate_pairs_(
         if bx is not None:
             _, batch, xbs, xrs, xcs = bx
             flat, tbs = _flat_param(th, x, num_pairs)
-            fn = (
-                _native.get_lib().ot_rotate_f32
-                if x.dtype == torch.float32
-                else _native.get_lib().ot_rotate_f64
-            )
+            fn = _kernel("rotate", x)
             rc = fn(
                 _ptr(x),
                 xbs,
@@ -333,8 +332,7 @@ def givens_step_(
             _, _, gbs, grs, gcs = bg
             w = torch.empty(batch, num_pairs, dtype=x.dtype)
             sflat, sbs = (None, 0) if sc is None else _flat_param(sc, x, num_pairs)
-            lib = _native.get_lib()
-            fn = lib.ot_step_f32 if x.dtype == torch.float32 else lib.ot_step_f64
+            fn = _kernel("step", x)
             rc = fn(
                 _ptr(x),
                 xbs,
@@ -359,11 +357,8 @@ def givens_step_(
             _raise_index(rc, n)
             return w.view(*x.shape[:-2], num_pairs)
     _check_range(ii, jj, n)
-    acc = _acc_dtype(x.dtype)
-    xi, xj = x.index_select(-2, ii).to(acc), x.index_select(-2, jj).to(acc)
-    gi, gj = g.index_select(-2, ii).to(acc), g.index_select(-2, jj).to(acc)
-    w = torch.linalg.vecdot(gi, xj) - torch.linalg.vecdot(xi, gj)
-    theta = -lr * w if sc is None else -lr * w * sc.to(acc)
+    xi, xj, w = _torch_coefficients(x, g, ii, jj)
+    theta = -lr * w if sc is None else -lr * w * sc.to(w.dtype)
     _torch_rotate_(x, ii, jj, theta, xi, xj)
     return w
 
@@ -381,8 +376,7 @@ def _step_co_rotate(x, g, y, ii, jj, lr, sc) -> torch.Tensor | None:
     n, num_pairs = x.shape[-2], ii.numel()
     w = torch.empty(batch, num_pairs, dtype=x.dtype)
     sflat, sbs = (None, 0) if sc is None else _flat_param(sc, x, num_pairs)
-    lib = _native.get_lib()
-    fn = lib.ot_step2_f32 if x.dtype == torch.float32 else lib.ot_step2_f64
+    fn = _kernel("step2", x)
     rc = fn(
         _ptr(x),
         xbs,
@@ -412,7 +406,8 @@ def _step_co_rotate(x, g, y, ii, jj, lr, sc) -> torch.Tensor | None:
 
 def _check_range(i: torch.Tensor, j: torch.Tensor, n: int) -> None:
     # index_select raises on CPU but not always clearly on accelerators; this costs one small reduction
-    if i.numel() and (torch.cat([i, j]).min() < 0 or torch.cat([i, j]).max() >= n):
+    both = torch.cat([i, j])
+    if both.numel() and (both.min() < 0 or both.max() >= n):
         raise IndexError(f"pair indices `i`/`j` must lie in [0, {n}) (the rows of `x`)")
 
 
@@ -539,6 +534,3 @@ def check_matching(i: IndexLike, j: IndexLike, n: int) -> tuple[torch.Tensor, to
     if torch.unique(both).numel() != both.numel():
         raise ValueError("pairs must be disjoint (a matching): some row appears in two pairs")
     return ii, jj
-
-
-_ = FLOAT_DTYPES  # re-exported dtype list lives in _validation
