@@ -49,6 +49,7 @@ from torch.nn.utils import parametrize as _tp
 
 from orthotorch._validation import describe
 from orthotorch.manifolds.cwy import cwy, householder_vectors, tcwy
+from orthotorch.manifolds.stiefel import det_sign
 
 __all__ = [
     "CWYOrthogonal",
@@ -128,11 +129,6 @@ def _check_target(name: str, x: torch.Tensor, layout: WeightLayout) -> torch.Ten
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _det_sign(x: torch.Tensor) -> torch.Tensor:
-    """Sign of det of a square batch (via LU, ``O(d³)``; only used in ``right_inverse``)."""
-    return torch.linalg.slogdet(x.to(_compute_dtype(x.dtype)))[0]
 
 
 class CWYOrthogonal(nn.Module):
@@ -248,7 +244,7 @@ class SkewOrthogonal(nn.Module):
         x = _project(_check_target("weight", weight, self.layout))
         n, k = self.layout.n, self.layout.k
         if self.layout.square:
-            if self.group == "SO" and bool((_det_sign(x) < 0).any()):
+            if self.group == "SO" and bool((det_sign(x) < 0).any()):
                 raise ValueError(
                     "`weight` must have determinant +1 for group='SO', got a target with "
                     f"determinant -1 ({describe(weight)}); use group='O' to allow both components"
@@ -359,7 +355,7 @@ class GivensOrthogonal(nn.Module):
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Sets ``base`` to the (QR-projected) weight, returns zero angles ``(*batch, n(n−1)/2)``."""
         x = _project(_check_target("weight", weight, self.layout))
-        if self.layout.square and self.group == "SO" and bool((_det_sign(x) < 0).any()):
+        if self.layout.square and self.group == "SO" and bool((det_sign(x) < 0).any()):
             raise ValueError(
                 "`weight` must have determinant +1 for group='SO', got a target with determinant "
                 f"-1 ({describe(weight)}); use group='O' to allow both components"
@@ -436,7 +432,7 @@ def orthogonal(
     with torch.no_grad():
         x = _project(layout.to_tall(weight.detach()).to(_compute_dtype(weight.dtype)))
         if layout.square and group == "SO":
-            flip = _det_sign(x) < 0
+            flip = det_sign(x) < 0
             x[..., -1] = torch.where(flip.unsqueeze(-1), -x[..., -1], x[..., -1])
         init = layout.from_tall(x.to(weight.dtype)).contiguous()
     # register_parametrization calls right_inverse on the current value of the tensor

@@ -39,6 +39,7 @@ __all__ = [
     "OrthogonalGroup",
     "SpecialOrthogonalGroup",
     "Stiefel",
+    "det_sign",
     "skew_generator",
 ]
 
@@ -61,9 +62,10 @@ def det_sign(x: torch.Tensor) -> torch.Tensor:
     """Sign of ``det x`` for square ``(..., d, d)`` via ``slogdet`` (O(d³)).
 
     ``torch.linalg.det`` in float32 returns ``-0.0``/``0.0`` for orthogonal matrices from d ≈ 512 on
-    (torch 2.13, CPU), so its sign is useless there; ``slogdet`` keeps the sign exact.
+    (torch 2.13, CPU), so its sign is useless there; ``slogdet`` keeps the sign exact. Half-precision
+    inputs are computed in float32 (LAPACK has no bfloat16/float16 kernels).
     """
-    return torch.linalg.slogdet(x)[0]
+    return torch.linalg.slogdet(x.to(_compute_dtype(x.dtype)))[0]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -24,6 +24,7 @@ from orthotorch.graph_sampling import (
     make_sampler,
     round_robin_matching,
 )
+from orthotorch.manifolds.stiefel import det_sign
 
 __all__ = ["DEFAULT_SEED", "MANIFOLDS", "NONFINITE", "SAMPLERS", "GivensOptimizer"]
 
@@ -233,7 +234,7 @@ class GivensOptimizer(torch.optim.Optimizer):
                 "(expected < 1e-2). Initialise it orthogonally first, e.g. torch.nn.init.orthogonal_"
             )
         if group.get("manifold") == "so":
-            sign = torch.linalg.slogdet(x)[0]
+            sign = det_sign(x)
             if bool((sign <= 0).any()):
                 raise ValueError(
                     f"parameter {info.name} is in a group with manifold='so' but has det <= 0; Givens "
