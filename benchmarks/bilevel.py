@@ -32,7 +32,7 @@ MEM_CODE = textwrap.dedent(
     import torch.nn.functional as F
     torch.set_num_threads(1)
     from orthotorch.bilevel import hypergradient, module_params
-    from orthotorch.bilevel.tasks import DigitsFewShot, digits_mlp
+    from orthotorch.apps.bilevel.tasks import DigitsFewShot, digits_mlp
     METHOD, R, REPEATS = {method!r}, {r}, {repeats}
     gen = torch.Generator().manual_seed(0)
     model = digits_mlp(64, 5, generator=gen)
@@ -121,8 +121,8 @@ def memory_section(rs: list[int], quick: bool) -> str:
 
 
 def counterexample_section(quick: bool) -> str:
-    from orthotorch.bilevel.cli import counterexample_table
-    from orthotorch.bilevel.experiments import fom_counterexample
+    from orthotorch.apps.bilevel.cli import counterexample_table
+    from orthotorch.apps.bilevel.experiments import fom_counterexample
 
     res = fom_counterexample(sgd_steps=400 if quick else 1500, seeds=(0, 1, 2))
     png = ""
@@ -159,8 +159,8 @@ def counterexample_section(quick: bool) -> str:
 
 
 def fewshot_section(quick: bool) -> str:
-    from orthotorch.bilevel.cli import results_table
-    from orthotorch.bilevel.experiments import digits_experiment, plot_curves, sinusoid_experiment
+    from orthotorch.apps.bilevel.cli import results_table
+    from orthotorch.apps.bilevel.experiments import digits_experiment, plot_curves, sinusoid_experiment
 
     iters = 60 if quick else 400
     evals = 200 if quick else 1000

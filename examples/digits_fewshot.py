@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from orthotorch.bilevel import UFOMController, hypergradient_vmap, module_params
-from orthotorch.bilevel.experiments import evaluate_fewshot
-from orthotorch.bilevel.tasks import DigitsFewShot, digits_mlp
+from orthotorch.apps.bilevel.experiments import evaluate_fewshot
+from orthotorch.apps.bilevel.tasks import DigitsFewShot, digits_mlp
 
 
 def main() -> None:

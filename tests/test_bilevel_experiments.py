@@ -15,7 +15,7 @@ from orthotorch.bilevel import (
     hypergradient_vmap,
     module_params,
 )
-from orthotorch.bilevel.tasks import DigitsFewShot, SinusoidTasks, digits_mlp, sinusoid_mlp
+from orthotorch.apps.bilevel.tasks import DigitsFewShot, SinusoidTasks, digits_mlp, sinusoid_mlp
 
 D64 = torch.float64
 
@@ -184,7 +184,7 @@ def test_sinusoid_tasks():
 
 
 def test_counterexample_closed_form_matches_library():
-    from orthotorch.bilevel.experiments import counterexample_problem
+    from orthotorch.apps.bilevel.experiments import counterexample_problem
 
     tasks, d_f, theta_star, theta_fom = counterexample_problem()
     for th in (-1.0, 0.0, 0.7, 2.0):
@@ -199,7 +199,7 @@ def test_counterexample_closed_form_matches_library():
 
 
 def test_counterexample_sgd_short():
-    from orthotorch.bilevel.experiments import fom_counterexample
+    from orthotorch.apps.bilevel.experiments import fom_counterexample
 
     res = fom_counterexample(sgd_steps=400, seeds=(0,), q=0.3)
     assert abs(res.final["fom"][0] - res.theta_fom_fixed_point) < 0.25
@@ -209,7 +209,7 @@ def test_counterexample_sgd_short():
 
 
 def test_meta_train_budget_and_eval():
-    from orthotorch.bilevel.experiments import evaluate_regression, meta_train
+    from orthotorch.apps.bilevel.experiments import evaluate_regression, meta_train
 
     model = sinusoid_mlp(16, generator=torch.Generator().manual_seed(0))
     tasks = SinusoidTasks()
@@ -256,7 +256,7 @@ def test_meta_train_budget_and_eval():
 
 
 def test_cli_register_and_quick_run(tmp_path, capsys):
-    from orthotorch.bilevel import cli
+    from orthotorch.apps.bilevel import cli
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

@@ -1,6 +1,6 @@
 """The main demonstration (`orthotorch demo`) runs and its constrained methods stay on SO(d)."""
 
-from orthotorch.demo import run_demo
+from orthotorch.apps.procrustes import run_demo
 
 
 def test_demo_runs_small_and_keeps_constraints():

@@ -9,7 +9,7 @@ Bernoulli(q)-gated, 1/q-weighted correction: unbiased). Submodules:
   :func:`hypergradient_vmap` (tasks as data, vectorised), :class:`HypergradInfo` (cost counts).
 - :mod:`~orthotorch.bilevel.ufom`: :func:`optimal_q`, :class:`UFOMController` (fixed/adaptive q).
 - :mod:`~orthotorch.bilevel.module`: ``nn.Module`` helpers over ``torch.func.functional_call``.
-- :mod:`~orthotorch.bilevel.tasks`, :mod:`~orthotorch.bilevel.experiments`: few-shot digits,
+- :mod:`orthotorch.apps.bilevel` (not imported here): few-shot digits,
   sinusoids, the FOM counterexample (behind ``orthotorch bilevel``; digits need scikit-learn).
 
 See ``docs/bilevel.md`` for a guide and when UFOM wins or loses.

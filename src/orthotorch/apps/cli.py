@@ -1,14 +1,15 @@
-"""The ``orthotorch`` command.
+"""The ``orthotorch`` command: ``--version``, ``info`` and the application subcommands.
 
-``orthotorch --version``, ``orthotorch info`` and ``orthotorch demo`` live here; every subpackage that
-offers a subcommand has a ``cli`` module with ``register(subparsers)``, listed in ``_SUBCOMMAND_MODULES``.
+Every subcommand lives in a module of :mod:`orthotorch.apps` with a ``register(subparsers)`` function,
+listed explicitly in :data:`SUBCOMMANDS`. A module that fails to import fails the command loudly: a
+renamed module must not make its subcommand vanish. Modules that need an optional extra import it inside
+the command, so ``--help`` works without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import platform
 import sys
@@ -16,13 +17,11 @@ from collections.abc import Sequence
 
 from orthotorch import __version__
 
-_SUBCOMMAND_MODULES = (
-    "orthotorch.demo",
-    "orthotorch.optim.cli",
-    "orthotorch.attention.cli",
-    "orthotorch.bilevel.cli",
-    "orthotorch.nn.cli",
-    "orthotorch.rl.cli",
+#: ``(subcommand, module)``: each module's ``register(subparsers)`` adds that subcommand.
+SUBCOMMANDS: tuple[tuple[str, str], ...] = (
+    ("demo", "orthotorch.apps.procrustes"),
+    ("attention", "orthotorch.apps.attention_lm"),
+    ("bilevel", "orthotorch.apps.bilevel.cli"),
 )
 
 
@@ -75,10 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_info = sub.add_parser("info", help="versions, thread count and available devices")
     p_info.set_defaults(func=_cmd_info)
-    for name in _SUBCOMMAND_MODULES:
-        if importlib.util.find_spec(name) is None:
-            continue
-        importlib.import_module(name).register(sub)
+    for _, module in SUBCOMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

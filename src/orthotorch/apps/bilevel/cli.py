@@ -30,7 +30,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def results_table(results: list[Any], metric: str) -> str:
-    """Markdown table of :class:`~orthotorch.bilevel.experiments.RunResult` rows."""
+    """Markdown table of :class:`~orthotorch.apps.bilevel.experiments.RunResult` rows."""
     ref = results[0].cost or 1.0
     rows = [
         [
@@ -50,7 +50,7 @@ def results_table(results: list[Any], metric: str) -> str:
 
 
 def counterexample_table(res: Any) -> str:
-    """Markdown table of a :class:`~orthotorch.bilevel.experiments.CounterexampleResult`."""
+    """Markdown table of a :class:`~orthotorch.apps.bilevel.experiments.CounterexampleResult`."""
     rows = []
     for m in res.final:
         th, gn = res.final[m], res.grad_norm[m]
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the experiments selected by ``args`` (see ``orthotorch bilevel --help``); return 0."""
     import torch
 
-    from orthotorch.bilevel import experiments as ex
+    from orthotorch.apps.bilevel import experiments as ex
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from orthotorch.bilevel.hypergrad import hypergradient, hypergradient_vmap
 from orthotorch.bilevel.module import module_params
-from orthotorch.bilevel.tasks import DigitsFewShot, SinusoidTasks, digits_mlp, sinusoid_mlp
+from orthotorch.apps.bilevel.tasks import DigitsFewShot, SinusoidTasks, digits_mlp, sinusoid_mlp
 from orthotorch.bilevel.ufom import UFOMController
 
 __all__ = [
@@ -305,7 +305,7 @@ def digits_experiment(
     Every run starts from the same initialisation and sees task streams from the same seed. Exact
     runs ``exact_iterations`` meta-iterations; its compute C is measured, and UFOM and FOM then train
     until they have spent ``ufom_budget_fraction · C`` (FOM also at the full C, for reference).
-    Meta-test tasks use the held-out classes (see :class:`~orthotorch.bilevel.tasks.DigitsFewShot`
+    Meta-test tasks use the held-out classes (see :class:`~orthotorch.apps.bilevel.tasks.DigitsFewShot`
     for ``class_split``). The last row is the untrained initialisation adapted the same way.
     """
     train = DigitsFewShot("train", class_split=class_split, dtype=dtype, device=device)

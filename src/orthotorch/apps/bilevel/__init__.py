@@ -1,0 +1,1 @@
+"""``orthotorch bilevel``: tasks (few-shot digits, sinusoids), experiment drivers and the command."""
