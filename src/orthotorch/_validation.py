@@ -75,3 +75,49 @@ def check_generator(name: str, generator: object) -> torch.Generator | None:
             f"`{name}` must be a torch.Generator or None, got {type(generator).__name__}"
         )
     return generator
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    min_inclusive: bool = True,
+    max_inclusive: bool = True,
+) -> float:
+    """Return ``value`` as a finite float within the given bounds.
+
+    ``TypeError`` unless ``value`` is a real number (int or float, or a 0-d real tensor; not bool, not a
+    string); ``ValueError`` if it is NaN/inf or outside ``[minimum, maximum]`` (bounds open where
+    ``min_inclusive``/``max_inclusive`` is False). The convention of the whole library: a wrong type is a
+    ``TypeError``, a wrong value a ``ValueError``.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
+    x = float(value)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(f"`{name}` must be finite, got {x}")
+    if minimum is not None and (x < minimum or (not min_inclusive and x == minimum)):
+        op = ">=" if min_inclusive else ">"
+        raise ValueError(f"`{name}` must be {op} {minimum}, got {x}")
+    if maximum is not None and (x > maximum or (not max_inclusive and x == maximum)):
+        op = "<=" if max_inclusive else "<"
+        raise ValueError(f"`{name}` must be {op} {maximum}, got {x}")
+    return x
+
+
+def check_choice(name: str, value: object, choices: tuple[object, ...]) -> object:
+    """Return ``value`` if it is one of ``choices``; ``ValueError`` naming the choices otherwise."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool; ``TypeError`` otherwise (``0``/``1``/strings are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}")
+    return value
