@@ -73,7 +73,9 @@ def _imports(path: Path, module: str) -> set[str]:
             if target.startswith("orthotorch"):
                 found.add(target)
                 # `from orthotorch.x import y` may name a submodule y
-                found.update(f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in ALL_MODULES)
+                found.update(
+                    f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in ALL_MODULES
+                )
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -127,7 +129,9 @@ def test_layers_point_downwards():
             dst_part = _part(t)
             if dst_part and dst_part != _part(module) and LAYERS.get(dst_part, 0) > src:
                 bad.append(f"{module} imports {t}")
-    assert not bad, "imports that point upwards (docs/design.md, Layers):\n" + "\n".join(sorted(bad))
+    assert not bad, "imports that point upwards (docs/design.md, Layers):\n" + "\n".join(
+        sorted(bad)
+    )
 
 
 def test_graph_reader_sees_a_function_local_import(tmp_path):

@@ -14,8 +14,12 @@ import os
 import platform
 import sys
 from collections.abc import Sequence
+from importlib import metadata
+
+import torch
 
 from orthotorch import __version__
+from orthotorch.manifolds import givens
 
 #: ``(subcommand, module)``: each module's ``register(subparsers)`` adds that subcommand.
 SUBCOMMANDS: tuple[tuple[str, str], ...] = (
@@ -26,8 +30,6 @@ SUBCOMMANDS: tuple[tuple[str, str], ...] = (
 
 
 def _version_of(dist: str) -> str:
-    from importlib import metadata
-
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -36,7 +38,6 @@ def _version_of(dist: str) -> str:
 
 def info_lines() -> list[str]:
     """Environment summary: library versions, thread counts and available devices."""
-    import torch
 
     lines = [
         f"orthotorch {__version__}",
@@ -56,8 +57,6 @@ def info_lines() -> list[str]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append("mps")
     lines.append(f"devices    {', '.join(devices)}")
-    from orthotorch.manifolds import givens
-
     lines.append(f"givens     native kernel: {givens.native_status()}")
     return lines
 
@@ -69,10 +68,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available subcommand registered."""
-    parser = argparse.ArgumentParser(prog="orthotorch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="orthotorch",
+        description="Optimization on orthogonal groups and Stiefel manifolds for PyTorch: demos, "
+        "experiments and environment information.",
+    )
     parser.add_argument("--version", action="version", version=f"orthotorch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p_info = sub.add_parser("info", help="versions, thread count and available devices")
+    p_info = sub.add_parser(
+        "info",
+        help="versions, thread count and available devices",
+        description="Print library versions, torch thread counts, available devices and whether the "
+        "native Givens kernel is loaded.",
+    )
     p_info.set_defaults(func=_cmd_info)
     for _, module in SUBCOMMANDS:
         importlib.import_module(module).register(sub)
