@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev,bench,bilevel]"
+	$(BIN)/pip install -q -e ".[dev,bench,bilevel,rl]"
 	touch $(STAMP)
 
 install: $(STAMP)
