@@ -61,6 +61,48 @@ def median_time(
     return statistics.median(samples)
 
 
+def interleaved_times(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int = 7,
+    warmup: int = 1,
+    min_time: float = 0.02,
+    device: torch.device | str | None = None,
+) -> dict[str, list[float]]:
+    """Per-call seconds of each function, measured in alternation: ``repeats`` rounds, each timing every
+    function once (in a rotated order) for at least ``min_time``.
+
+    On a loaded machine the load changes between measurements; interleaving exposes every function to the
+    same conditions, so the per-round ratios (see :func:`median_ratio`) are much steadier than ratios of
+    separately measured medians.
+    """
+    names = list(fns)
+    inner: dict[str, int] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        inner[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return samples
+
+
+def median_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``samples[num][r] / samples[den][r]`` (from :func:`interleaved_times`)."""
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+
+
 def env_header() -> str:
     """Markdown block with date, versions, thread count and device used for a benchmark run."""
     from importlib import metadata

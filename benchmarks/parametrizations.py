@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orthotorch.manifolds.cwy import cwy_columns
+from orthotorch.parametrize import orthogonal
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import env_header, fmt, markdown_table, median_time, peak_rss_mb, write_doc
 
@@ -51,8 +54,6 @@ def build(method: str, n: int, k: int) -> nn.Module:
     torch.manual_seed(0)  # the benchmark's own data; library code takes no global randomness
     layer = nn.Linear(k, n, bias=False)
     if method.startswith("ours"):
-        from orthotorch.parametrize import orthogonal
-
         return orthogonal(layer, "weight", method=method.split()[1])
     if method.startswith("torch"):
         from torch.nn.utils.parametrizations import orthogonal as torch_orthogonal
@@ -240,8 +241,6 @@ def main() -> None:
     table1 = markdown_table(["n×k", *METHODS], rows)
 
     # analytic backward vs autograd through the same ops
-    from orthotorch.manifolds.cwy import cwy_columns
-
     rows2 = []
     for n, k in cases:
         m = n if n == k else k

@@ -12,27 +12,39 @@ ship with scikit-learn).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from orthotorch.bilevel import UFOMController, hypergradient_vmap, module_params
+from orthotorch.apps.bilevel.cli import MAX_SHOTS
 from orthotorch.apps.bilevel.experiments import evaluate_fewshot
 from orthotorch.apps.bilevel.tasks import DigitsFewShot, digits_mlp
+from orthotorch.bilevel import UFOMController, hypergradient_vmap, module_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shots", type=int, default=1)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--shots", type=int, default=1, help="support images per class (5-way)")
     parser.add_argument("--steps", type=int, default=10, help="inner SGD steps r")
-    parser.add_argument("--inner-lr", type=float, default=0.1)
-    parser.add_argument("--iterations", type=int, default=300)
-    parser.add_argument("--q", type=float, default=0.1, help="UFOM probability")
+    parser.add_argument("--inner-lr", type=float, default=0.1, help="inner step size α")
+    parser.add_argument("--iterations", type=int, default=300, help="meta-iterations per method")
+    parser.add_argument("--q", type=float, default=0.1, help="UFOM probability in (0, 1]")
     parser.add_argument(
         "--adaptive", action="store_true", help="adapt q (floor 0.05), start at --q"
     )
     args = parser.parse_args()
+    if not 1 <= args.shots <= MAX_SHOTS:
+        parser.error(f"argument --shots: must lie in 1..{MAX_SHOTS}, got {args.shots}")
+    if args.steps < 0 or args.iterations < 1:
+        parser.error("arguments --steps (>= 0) and --iterations (>= 1) out of range")
+    if not (0.0 < args.q <= 1.0):
+        parser.error(f"argument --q: must lie in (0, 1], got {args.q}")
+    if not (math.isfinite(args.inner_lr) and args.inner_lr >= 0):
+        parser.error(f"argument --inner-lr: must be finite and >= 0, got {args.inner_lr}")
 
     train, test = DigitsFewShot("train"), DigitsFewShot("test")
     for method in ("exact", "fom", "ufom"):

@@ -368,15 +368,18 @@ def test_incremental_decoding_matches_full_causal_forward():
 # ---------------------------------------------------------------- numerical range and precision
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("norm", [1.0, 3.0, 10.0])
 @pytest.mark.parametrize("causal", [False, True])
-def test_no_overflow_up_to_ten_sqrt_d_in_float32(norm, causal):
+def test_no_overflow_up_to_ten_sqrt_d_in_float32(norm, causal, seed):
+    # at the default num_features=256 (issue 10: 2 of 4 seeds used to give NaN gradients)
     d = 64
-    q, k = rand(1, 2, 256, d, dtype=torch.float32), rand(1, 2, 256, d, dtype=torch.float32, seed=1)
+    q = rand(1, 2, 256, d, dtype=torch.float32, seed=10 * seed)
+    k = rand(1, 2, 256, d, dtype=torch.float32, seed=10 * seed + 1)
     q = q / q.norm(dim=-1, keepdim=True) * norm * math.sqrt(d)
     k = k / k.norm(dim=-1, keepdim=True) * norm * math.sqrt(d)
-    v = rand(1, 2, 256, 8, dtype=torch.float32, seed=2)
-    fmap = FeatureMap(d, 64, seed=0)
+    v = rand(1, 2, 256, 8, dtype=torch.float32, seed=10 * seed + 2)
+    fmap = FeatureMap(d, 256, seed=seed)
     qk, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
     out = favor_attention(qk, kk, v, causal=causal, features=fmap)
     out.sum().backward()
@@ -427,8 +430,9 @@ def test_bad_inputs_raise_clear_errors():
         favor_attention(q, k, v, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):
         favor_attention(q, k, v, key_padding_mask=torch.zeros(2, 5))
-    with pytest.raises(ValueError, match="Lq == Lk"):
-        favor_attention(q, rand(2, 3, 6, 8), rand(2, 3, 6, 4), causal=True)
+    # causal with Lq != Lk is supported (queries aligned to the end); dropout is not
+    with pytest.raises(ValueError, match="dropout_p"):
+        favor_attention(q, k, v, dropout_p=0.1)
     with pytest.raises(TypeError, match="dtype"):
         favor_attention(q, k.float(), v)
     with pytest.raises(ValueError, match="built for dim"):
@@ -443,3 +447,243 @@ def test_bad_inputs_raise_clear_errors():
         favor_attention(q, k, v, causal=True, implementation="cuda")
     with pytest.raises(TypeError, match="floating"):
         favor_attention(q.long(), k.long(), v.long())
+
+
+# ---------------------------------------------------------------- drop-in SDPA signature (issue 10)
+
+sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def explicit_masked(fmap, q, k, v, allowed, scale=None):
+    """Independent reference: masked quadratic form of the features, ``allowed`` (..., Lq, Lk)."""
+    s = (q.shape[-1] ** -0.5 if scale is None else scale) ** 0.5
+    a = (fmap(q * s) @ fmap(k * s).transpose(-1, -2)) * allowed
+    den = a.sum(-1, keepdim=True)
+    return torch.where(den != 0, (a @ v) / torch.where(den != 0, den, 1.0), 0.0)
+
+
+def small_qkv(lq=9, lk=9, heads=2, kv_heads=None, d=8, dv=3):
+    kv_heads = heads if kv_heads is None else kv_heads
+    return (
+        rand(2, heads, lq, d, scale=0.3),
+        rand(2, kv_heads, lk, d, scale=0.3, seed=1),
+        rand(2, kv_heads, lk, dv, seed=2),
+    )
+
+
+def test_sdpa_positional_arguments_and_meaning():
+    fmap = FeatureMap(8, 16, seed=1).double()
+    q, k, v = small_qkv()
+    a = favor_attention(q, k, v, None, 0.0, True, 0.2, features=fmap)
+    b = favor_attention(q, k, v, causal=True, scale=0.2, features=fmap)
+    assert torch.equal(a, b)
+    tri = torch.ones(9, 9, dtype=torch.bool).tril()
+    assert torch.allclose(a, explicit_masked(fmap, q, k, v, tri, scale=0.2), atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attn_mask_key_masks_equal_key_padding_mask(causal):
+    fmap = FeatureMap(8, 16, seed=1).double()
+    q, k, v = small_qkv()
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[0, 6:] = True
+    pad[1, 3] = True
+    want = favor_attention(q, k, v, features=fmap, is_causal=causal, key_padding_mask=pad)
+    keep = ~pad
+    allowed = keep[:, None, None, :] & (
+        torch.ones(9, 9, dtype=torch.bool).tril() if causal else True
+    )
+    assert torch.allclose(want, explicit_masked(fmap, q, k, v, allowed), atol=1e-12)
+    for mask in (
+        keep[:, None, None, :],  # bool (B, 1, 1, Lk)
+        keep[:, None, None, :].expand(2, 1, 9, 9),  # the same, repeated over the queries
+        torch.zeros(2, 1, 1, 9, dtype=torch.float64).masked_fill(pad[:, None, None, :], -math.inf),
+    ):
+        got = favor_attention(q, k, v, mask, is_causal=causal, features=fmap)
+        assert torch.allclose(got, want, atol=1e-12)
+    # a causal mask given as attn_mask (with the padding folded in) is recognised as such
+    got = favor_attention(q, k, v, allowed if causal else allowed.expand(2, 2, 9, 9), features=fmap)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_attention_masks_linear_attention_cannot_honour_raise():
+    q, k, v = small_qkv()
+    band = torch.ones(9, 9, dtype=torch.bool).tril() & torch.ones(9, 9, dtype=torch.bool).triu(-2)
+    with pytest.raises(ValueError, match="arbitrary dense mask"):
+        favor_attention(q, k, v, band, num_features=8)
+    with pytest.raises(ValueError, match="additive"):
+        favor_attention(q, k, v, torch.randn(9, 9, dtype=torch.float64), num_features=8)
+    with pytest.raises(ValueError, match="broadcastable"):
+        favor_attention(q, k, v, torch.ones(3, 9, dtype=torch.bool), num_features=8)
+    with pytest.raises(TypeError, match="attn_mask"):
+        favor_attention(q, k, v, torch.ones(9, 9, dtype=torch.int64), num_features=8)
+    with pytest.raises(ValueError, match="dropout_p"):
+        favor_attention(q, k, v, None, 0.1)
+    with pytest.raises(TypeError, match="is_causal"):
+        favor_attention(q, k, v, is_causal=1)  # type: ignore[arg-type]
+
+
+def test_leading_dims_broadcast():
+    fmap = FeatureMap(8, 16, seed=1).double()
+    q = rand(2, 3, 7, 8, scale=0.3)
+    k, v = rand(1, 3, 7, 8, scale=0.3, seed=1), rand(2, 1, 7, 4, seed=2)
+    for causal in (False, True):
+        got = favor_attention(q, k, v, is_causal=causal, features=fmap)
+        want = favor_attention(q, k.expand(2, 3, 7, 8), v.expand(2, 3, 7, 4), is_causal=causal,
+                               features=fmap)  # fmt: skip
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        favor_attention(q, rand(2, 2, 7, 8), rand(2, 2, 7, 4))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_attention(causal):
+    fmap = FeatureMap(8, 16, seed=1).double()
+    q, k, v = small_qkv(heads=4, kv_heads=2)
+    got = favor_attention(q, k, v, is_causal=causal, enable_gqa=True, features=fmap)
+    rep = [t.repeat_interleave(2, dim=-3) for t in (k, v)]
+    assert torch.equal(got, favor_attention(q, *rep, is_causal=causal, features=fmap))
+    with pytest.raises(ValueError, match="multiple"):
+        favor_attention(q, rand(2, 3, 9, 8), rand(2, 3, 9, 3), enable_gqa=True)
+
+
+@pytest.mark.parametrize("implementation", ["slim", "chunked", "prefix"])
+@pytest.mark.parametrize(("lq", "lk"), [(3, 11), (1, 11), (11, 4)])
+def test_causal_with_lq_not_lk_aligns_queries_to_the_end(implementation, lq, lk):
+    fmap = FeatureMap(8, 16, seed=1).double()
+    q, k, v = small_qkv(lq=lq, lk=lk)
+    got = favor_attention(q, k, v, is_causal=True, features=fmap, chunk_size=4,
+                          implementation=implementation)  # fmt: skip
+    allowed = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+    assert torch.allclose(got, explicit_masked(fmap, q, k, v, allowed), atol=1e-12)
+    if lq < lk:  # = the last rows of the full causal pass (decoding with a cache)
+        qq = torch.cat([rand(2, 2, lk - lq, 8, seed=9), q], dim=-2)
+        full = favor_attention(qq, k, v, is_causal=True, features=fmap, chunk_size=4)
+        assert torch.allclose(got, full[..., -lq:, :], atol=1e-12)
+    else:  # the first lq - lk queries see no key
+        assert torch.equal(got[..., : lq - lk, :], torch.zeros_like(got[..., : lq - lk, :]))
+
+
+def test_softmax_attention_equals_sdpa():
+    q, k, v = small_qkv(lq=5, lk=9)
+    assert torch.allclose(softmax_attention(q, k, v), sdpa(q, k, v), atol=1e-12)
+    bottom_right = torch.ones(5, 9, dtype=torch.bool).tril(4)
+    assert torch.allclose(
+        softmax_attention(q, k, v, causal=True), sdpa(q, k, v, attn_mask=bottom_right), atol=1e-12
+    )
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[0, 7:] = True
+    assert torch.allclose(
+        softmax_attention(q, k, v, key_padding_mask=pad, scale=0.3),
+        sdpa(q, k, v, attn_mask=~pad[:, None, None, :], scale=0.3),
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_favor_approaches_exact_sdpa_with_many_features(causal):
+    # small norms, many features: the FAVOR+ estimate is close to exact attention, masks included
+    q, k, v = (
+        rand(2, 2, 12, 8, scale=0.4),
+        rand(2, 2, 12, 8, scale=0.4, seed=1),
+        rand(2, 2, 12, 3, seed=2),
+    )
+    keep = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    keep[0, ..., 9:] = False
+    allowed = keep & (torch.ones(12, 12, dtype=torch.bool).tril() if causal else True)
+    exact = sdpa(q, k, v, attn_mask=allowed)
+    fmap = FeatureMap(8, 4096, kind="hyperbolic", seed=3).double()
+    got = favor_attention(q, k, v, keep, is_causal=causal, features=fmap)
+    assert rel_err(got, exact) < 0.02
+
+
+# ---------------------------------------------------------------- reliability (issue 10)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan])
+def test_bad_scale_raises(bad):
+    q, k, v = small_qkv()
+    with pytest.raises(ValueError, match="scale"):
+        softmax_attention(q, k, v, scale=bad)
+    with pytest.raises(ValueError, match="scale"):
+        favor_attention(q, k, v, scale=bad, num_features=8)
+
+
+def test_softmax_attention_ignores_nan_in_padded_values_and_empty_lengths():
+    q, k, v = small_qkv()
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[:, 7:] = True
+    dirty = v.clone()
+    dirty[:, :, 7:] = math.nan
+    got = softmax_attention(q, k, dirty, key_padding_mask=pad)
+    assert torch.allclose(got, softmax_attention(q, k[..., :7, :], v[..., :7, :]), atol=1e-12)
+    for lq, lk in ((0, 4), (4, 0), (0, 0)):
+        qq, kk, vv = (t.clone().requires_grad_() for t in small_qkv(lq=lq, lk=lk))
+        out = softmax_attention(qq, kk, vv, causal=True)
+        assert out.shape == (2, 2, lq, 3) and not out.detach().abs().any()
+        out.sum().backward()
+        assert qq.grad is not None and qq.grad.shape == qq.shape
+
+
+def test_default_features_are_cached_without_touching_rng(monkeypatch):
+    from orthotorch.attention import functional
+
+    functional.clear_feature_cache()
+    draws = []
+    original = FeatureMap.redraw
+
+    def counting(self, generator=None):
+        draws.append(1)
+        return original(self, generator)
+
+    monkeypatch.setattr(FeatureMap, "redraw", counting)
+    q, k, v = small_qkv()
+    rng = torch.random.get_rng_state()
+    a = favor_attention(q, k, v, num_features=16)
+    b = favor_attention(q, k, v, num_features=16)
+    assert torch.equal(a, b) and len(draws) == 1  # built once, then reused
+    favor_attention(q, k, v, num_features=16, kind="hyperbolic")
+    assert len(draws) == 2  # another key, another map
+    assert torch.equal(rng, torch.random.get_rng_state())
+    # a user generator keeps its uncached meaning: each call draws afresh and advances it
+    g1, g2 = gen(5), gen(5)
+    x1 = favor_attention(q, k, v, num_features=16, generator=g1)
+    x2 = favor_attention(q, k, v, num_features=16, generator=g1)
+    assert not torch.equal(x1, x2)
+    fresh = FeatureMap(8, 16, generator=g2)  # what an uncached call draws
+    assert torch.equal(x1, favor_attention(q, k, v, features=fresh))
+    FeatureMap(8, 16, generator=g2)  # second uncached draw
+    assert torch.equal(g1.get_state(), g2.get_state())
+    # same generator state again: a cache hit that leaves the generator where a draw would
+    g3 = gen(5)
+    n = len(draws)
+    assert torch.equal(favor_attention(q, k, v, num_features=16, generator=g3), x1)
+    assert len(draws) == n
+    g4 = gen(5)
+    FeatureMap(8, 16, generator=g4)
+    assert torch.equal(g3.get_state(), g4.get_state())
+    # bounded
+    for m in range(1, functional.FEATURE_CACHE_SIZE + 5):
+        favor_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :], num_features=m)
+    assert len(functional._CACHE) == functional.FEATURE_CACHE_SIZE
+    functional.clear_feature_cache()
+
+
+@pytest.mark.parametrize("implementation", ["slim", "chunked"])
+@pytest.mark.parametrize(("d", "norm"), [(64, 12.0), (8, 30.0)])
+def test_rows_with_valid_keys_never_output_zero(implementation, d, norm):
+    # issue 10: at these norms 2-469 causal rows used to be exactly 0 (error 2-4 against float64)
+    q, k = rand(1, 2, 256, d, seed=5), rand(1, 2, 256, d, seed=6)
+    q = (q / q.norm(dim=-1, keepdim=True) * norm * math.sqrt(d)).float()
+    k = (k / k.norm(dim=-1, keepdim=True) * norm * math.sqrt(d)).float()
+    v = rand(1, 2, 256, 8, seed=7).float()
+    fmap = FeatureMap(d, 256, seed=1)
+    ts = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = favor_attention(*ts, causal=True, features=fmap, implementation=implementation)
+    out.sum().backward()
+    ref = favor_attention(
+        q.double(), k.double(), v.double(), causal=True, features=fmap.double(), chunk_size=32
+    )
+    assert not bool((out.detach().abs().sum(-1) == 0).any())
+    assert all(torch.isfinite(t.grad).all() for t in ts)
+    assert rel_err(out.double(), ref) < 1e-4

@@ -20,6 +20,7 @@ from orthotorch.bilevel import (
     accumulate_grads,
     batched_hypergradient,
     hypergradient,
+    hypergradient_vmap,
     inner_adapt,
     module_hypergradient,
     module_loss,
@@ -208,12 +209,18 @@ _RSS_CODE = textwrap.dedent(
     inner = lambda p: (0.5 * p.pow(2) + 0.05 * p.pow(4)).sum()
     outer = lambda p: (p - 0.3).pow(2).sum()
     gen = torch.Generator().manual_seed(0)
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from a large parent (a pytest run that has
+    # loaded the whole suite), which would hide this process's own growth
+    def peak():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     hypergradient(inner, outer, theta, steps=3, lr=0.01)  # warm up torch.func's lazy setup
     out = {"base": peak()}
     hypergradient(inner, outer, theta, steps=10, lr=0.01)
     out["exact_r10"] = peak()
-    # ru_maxrss is monotone: each entry is the peak so far, so the growth over the previous
+    # the peak is monotone: each entry is the peak so far, so the growth over the previous
     # entry bounds the extra memory of that call (runs are ordered by expected memory)
     hypergradient(inner, outer, theta, steps=1000, lr=0.01)
     out["exact_r1000"] = peak()
@@ -542,3 +549,173 @@ def test_nonfinite_result_raises():
     theta = torch.ones(3, dtype=D64)
     with pytest.raises(FloatingPointError, match="not finite"):
         hypergradient(lambda p: p.pow(4).sum(), lambda p: p.pow(2).sum(), theta, steps=60, lr=5.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# one argument resolver: every entry point accepts and rejects the same keywords alike
+
+
+def _entry_points():
+    """``name -> call(**kw)`` for every public hypergradient entry point, on one small problem.
+
+    Every loss counts its evaluations in ``calls``: a rejected argument must be caught before any.
+    """
+    calls = []
+    theta = torch.linspace(-1.0, 1.0, 3, dtype=D64)
+    target = torch.ones(2, 3, dtype=D64)
+
+    def inner(p):
+        calls.append("inner")
+        return (p - 0.5).pow(2).sum()
+
+    def outer(p):
+        calls.append("outer")
+        return (p + 0.5).pow(2).sum()
+
+    def data_loss(p, d):
+        calls.append("data")
+        return (p - d).pow(2).sum()
+
+    def mse(y, t):
+        calls.append("module")
+        return (y - t).pow(2).mean()
+
+    model = nn.Linear(3, 1).double()
+    m_inner = module_loss(model, mse, target, target[:, :1])
+
+    points = {
+        "hypergradient": lambda **kw: hypergradient(inner, outer, theta, **kw),
+        "batched_hypergradient": lambda **kw: batched_hypergradient([(inner, outer)], theta, **kw),
+        "hypergradient_vmap": lambda **kw: hypergradient_vmap(
+            data_loss, theta, target, -target, **kw
+        ),
+        "module_hypergradient": lambda **kw: module_hypergradient(model, m_inner, m_inner, **kw),
+        "module_hypergradient(tasks)": lambda **kw: module_hypergradient(
+            model, tasks=[(m_inner, m_inner)], **kw
+        ),
+    }
+    return points, calls
+
+
+_GEN = torch.Generator().manual_seed(0)
+_BAD_ARGUMENTS = [
+    # (keywords, exception, a word of the message)
+    (dict(q=5.0), ValueError, "`q`"),  # checked for method="exact" too (vmap used to accept it)
+    (dict(q=0.0, method="fom"), ValueError, "`q`"),
+    (dict(q=float("nan"), method="ufom", generator=_GEN), ValueError, "`q`"),
+    (dict(q="0.5", method="ufom", generator=_GEN), TypeError, "`q`"),
+    (dict(q=True, method="ufom", generator=_GEN), TypeError, "`q`"),
+    (dict(generator="x"), TypeError, "generator"),  # method="exact": vmap used to accept it
+    (dict(method="ufom", q=0.5), TypeError, "generator"),
+    (dict(method="ufom", generator=_GEN), ValueError, "`q`"),
+    (dict(method="maml"), ValueError, "method"),
+    (dict(steps=-1), ValueError, "steps"),
+    (dict(steps=2.0), TypeError, "steps"),
+    (dict(steps="3"), TypeError, "steps"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr=float("inf")), ValueError, "lr"),
+    (dict(lr=-0.1), ValueError, "lr"),
+    (dict(lr="0.1"), TypeError, "lr"),
+    (dict(checkpoints=-2), ValueError, "checkpoints"),
+    (dict(checkpoints=1.5), TypeError, "checkpoints"),
+    (dict(hvp="sideways"), ValueError, "hvp"),
+    (dict(return_info="yes"), TypeError, "return_info"),
+]
+
+
+@pytest.mark.parametrize("entry", list(_entry_points()[0]))
+@pytest.mark.parametrize(
+    "bad, exc, word", _BAD_ARGUMENTS, ids=[str(b) for b, _, _ in _BAD_ARGUMENTS]
+)
+def test_every_entry_point_rejects_the_same_arguments(entry, bad, exc, word):
+    points, calls = _entry_points()
+    kw = {"steps": 2, "lr": 0.1, **bad}
+    with pytest.raises(exc, match=word):
+        points[entry](**kw)
+    assert calls == [], "arguments must be checked before any loss is evaluated"
+
+
+@pytest.mark.parametrize("entry", list(_entry_points()[0]))
+def test_every_entry_point_accepts_the_same_arguments(entry):
+    points, calls = _entry_points()
+    ctl = UFOMController(0.5, mode="fixed")
+    for kw in (
+        dict(q=0.5),  # a valid q is accepted (and unused) by method="exact"
+        dict(q=ctl, method="exact"),
+        dict(method="ufom", q=torch.tensor(1.0), generator=torch.Generator().manual_seed(0)),
+        dict(method="ufom", q=ctl, generator=torch.Generator().manual_seed(0)),
+        dict(lr=torch.tensor(0.1), steps=3, checkpoints=0, hvp="forward"),
+    ):
+        out = points[entry](**{"steps": 2, "lr": 0.1, **kw})
+        assert all(
+            torch.isfinite(t).all() for t in (out.values() if isinstance(out, dict) else [out])
+        )
+    assert calls and ctl.n_observed >= 1
+
+
+def test_inner_adapt_checks_like_the_entry_points():
+    theta = torch.zeros(3, dtype=D64)
+    with pytest.raises(TypeError, match="steps"):
+        inner_adapt(lambda p: p.sum(), theta, steps="2", lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        inner_adapt(lambda p: p.sum(), theta, steps=2, lr=float("nan"))
+
+
+def test_scalar_validators_type_error_for_wrong_type():
+    # a string for a number is a TypeError everywhere (UFOMController gave ValueError)
+    for kw in (dict(q="0.5"), dict(floor="0.1"), dict(momentum="0.9"), dict(hvp_cost="2")):
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            UFOMController(**kw)
+    with pytest.raises(TypeError, match="min_exact"):
+        UFOMController(min_exact=2.0)
+    with pytest.raises(ValueError, match="min_exact"):
+        UFOMController(min_exact=1)
+    with pytest.raises(ValueError, match="momentum"):
+        UFOMController(momentum=1.0)
+    with pytest.raises(ValueError, match="mode"):
+        UFOMController(mode="sometimes")
+    st = dict(cost_fom=1.0, cost_extra=1.0, variance_exact=1.0, gap_sq=0.5)
+    with pytest.raises(TypeError, match="cost_fom"):
+        optimal_q(**{**st, "cost_fom": "1"})
+    with pytest.raises(ValueError, match="variance_exact"):
+        optimal_q(**{**st, "variance_exact": float("inf")})
+    with pytest.raises(TypeError, match="`q`"):
+        ufom_cost_variance("0.5", **st)
+    with pytest.raises(ValueError, match="gap_sq"):
+        ufom_cost_variance(0.5, **{**st, "gap_sq": -1.0})
+
+
+def test_bilevel_modules_import_one_way():
+    """The internal import order of orthotorch.bilevel (docstring of the package): no cycle between
+    hypergrad and ufom (ufom used to import hypergrad, which imported ufom inside functions)."""
+    import ast
+    from pathlib import Path
+
+    import orthotorch.bilevel as pkg
+
+    order = ["_pytree", "_info", "ufom", "_args", "_engine", "vmap", "hypergrad", "module"]
+    root = Path(pkg.__file__).parent
+    assert sorted(p.stem for p in root.glob("*.py") if p.stem != "__init__") == sorted(order)
+    for name in order:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "orthotorch.bilevel"
+            ):
+                target = node.module.rsplit(".", 1)[-1]
+                assert order.index(target) < order.index(name), f"{name} imports {target}"
+
+
+def test_batched_checks_every_task_before_running_any():
+    calls = []
+
+    def inner(p):
+        calls.append(1)
+        return p.pow(2).sum()
+
+    theta = torch.ones(2, dtype=D64)
+    with pytest.raises(TypeError, match=r"tasks\[1\]\[1\]"):
+        batched_hypergradient([(inner, inner), (inner, "outer")], theta, steps=2, lr=0.1)
+    with pytest.raises(TypeError, match=r"tasks\[1\]"):
+        batched_hypergradient([(inner, inner), (inner,)], theta, steps=2, lr=0.1)
+    assert calls == []

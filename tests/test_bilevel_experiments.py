@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orthotorch.apps.bilevel.tasks import DigitsFewShot, SinusoidTasks, digits_mlp, sinusoid_mlp
 from orthotorch.bilevel import (
     UFOMController,
     batched_hypergradient,
     hypergradient_vmap,
     module_params,
 )
-from orthotorch.apps.bilevel.tasks import DigitsFewShot, SinusoidTasks, digits_mlp, sinusoid_mlp
 
 D64 = torch.float64
 
@@ -276,8 +276,10 @@ def test_cli_register_and_quick_run(tmp_path, capsys):
     )
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "sinusoid" in out and "| exact |" in out and "fom (50%)" in out
-    assert (tmp_path / "results.md").exists()
+    assert "sinusoid" in out and "fom (50%)" in out
+    assert "| exact | 2 |" in out  # --iterations is honoured (0 used to fall back to 40)
+    text = (tmp_path / "results.md").read_text()
+    assert "| exact | 2 |" in text and "interrupted" not in text and "running" not in text
     with pytest.raises(SystemExit):
         parser.parse_args(["bilevel", "--q", "1.5"])
 
@@ -285,3 +287,218 @@ def test_cli_register_and_quick_run(tmp_path, capsys):
 def test_digits_model_forward():
     model = digits_mlp(16, 5, generator=torch.Generator().manual_seed(0))
     assert model(torch.zeros(2, 64)).shape == (2, 5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line: every flag checked by argparse, plain help, Ctrl-C
+
+
+def _main(argv):
+    from orthotorch.apps.cli import main
+
+    return main(argv)
+
+
+_BAD_FLAGS = [
+    ["--iterations", "0"],  # used to run 40 silently
+    ["--iterations", "-5"],
+    ["--iterations", "2.5"],
+    ["--budget-fraction", "nan"],  # used to loop forever
+    ["--budget-fraction", "inf"],
+    ["--budget-fraction", "0"],
+    ["--budget-fraction", "-1"],
+    ["--budget-fraction", "half"],
+    ["--shots", "0"],
+    ["--shots", "1", "1000"],
+    ["--steps", "-1"],
+    ["--inner-lr", "nan"],
+    ["--inner-lr", "-0.1"],
+    ["--q", "1.5"],
+    ["--q", "nan"],
+    ["--q", "often"],
+    ["--seed", "-1"],
+    ["--threads", "-1"],
+    ["--task", "maml"],
+    ["--coin", "each"],
+    ["--class-split", "odd"],
+]
+
+
+@pytest.mark.parametrize("flags", _BAD_FLAGS, ids=[" ".join(f) for f in _BAD_FLAGS])
+def test_cli_rejects_bad_flag(flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _main(["bilevel", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("orthotorch bilevel: error: argument") and flags[0] in last
+    assert "Traceback" not in err
+
+
+def test_cli_rejects_unusable_out(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    for out in (a_file, a_file / "sub", ""):
+        with pytest.raises(SystemExit) as exc:
+            _main(["bilevel", "--out", str(out)])
+        assert exc.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "argument --out" in last, last
+    # an unwritable directory (simulated: root may write anywhere)
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m: False if str(p) == str(locked) else real_access(p, m)
+    )
+    with pytest.raises(SystemExit) as exc:
+        _main(["bilevel", "--out", str(locked / "new")])
+    assert exc.value.code == 2 and "not writable" in capsys.readouterr().err
+
+
+def test_cli_out_failure_at_run_time_is_one_line(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert _main(["bilevel", "--task", "sinusoid", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "Permission denied" in err[0]
+
+
+def test_cli_help_plain_text_with_defaults(capsys):
+    from orthotorch.apps.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        _main(["bilevel", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for markup in ("``", ":func:", ":class:", ":mod:"):
+        assert markup not in text
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in sub.choices["bilevel"]._actions if a.dest != "help"]
+    assert all(a.help for a in actions)
+    # every flag shows its default (or, where the default is None, says what happens instead)
+    assert text.count("(default:") == len(actions)
+
+
+def test_cli_ctrl_c_keeps_partial_results(tmp_path, capsys, monkeypatch):
+    from orthotorch.apps.bilevel import experiments as ex
+
+    done = [ex.RunResult("exact", "exact", None, 3, 30.0, 0.1, 1.5, 0.2)]
+    monkeypatch.setattr(ex, "sinusoid_experiment", lambda **kw: done)
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "fom_counterexample", interrupted)
+    argv = ["bilevel", "--task", "all", "--shots", "1", "--no-progress", "--out", str(tmp_path)]
+    monkeypatch.setattr(ex, "digits_experiment", lambda **kw: done)
+    assert _main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0]
+    text = (tmp_path / "results.md").read_text()
+    assert "## digits 5-way 1-shot" in text and "## sinusoid" in text and "| exact | 3 |" in text
+    assert "interrupted" in text and "## FOM counterexample" not in text
+
+
+def test_progress_bar_integer_total_stops_at_total():
+    pytest.importorskip("tqdm")
+    from orthotorch.apps.bilevel.experiments import _Progress
+
+    bar = _Progress(100.4, "x", enabled=True)
+    for done in (10.2, 60.7, 99.9, 130.5):  # the last meta-iteration overshoots the budget
+        bar.to(done)
+    assert isinstance(bar.bar.total, int) and bar.bar.total == 101 and bar.bar.n == 101
+    bar.close()
+
+
+def test_meta_train_rejects_unreachable_budget():
+    from orthotorch.apps.bilevel.experiments import meta_train
+
+    model = sinusoid_mlp(4, generator=torch.Generator().manual_seed(0))
+    kw = dict(method="fom", steps=1, inner_lr=0.1, generator=torch.Generator())
+    for budget in (float("nan"), float("inf"), 0.0, -1.0):  # NaN and inf used to loop forever
+        with pytest.raises(ValueError, match="budget"):
+            meta_train(model, None, None, budget=budget, **kw)
+    with pytest.raises(ValueError, match="iterations"):
+        meta_train(model, None, None, iterations=0, **kw)
+    with pytest.raises(ValueError, match="method"):
+        meta_train(model, None, None, iterations=1, **{**kw, "method": "maml"})
+
+
+def test_task_samplers_type_error_for_wrong_type():
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(TypeError, match="n_tasks"):
+        SinusoidTasks().sample("3", generator=gen)  # used to be a ValueError
+    with pytest.raises(TypeError, match="shots"):
+        SinusoidTasks().sample(2, shots=2.0, generator=gen)
+    with pytest.raises(ValueError, match="queries"):
+        SinusoidTasks().sample(2, queries=0, generator=gen)
+    with pytest.raises(TypeError, match="generator"):
+        SinusoidTasks().sample(2, generator=None)
+
+
+def test_max_shots_matches_the_data():
+    pytest.importorskip("sklearn")
+    from orthotorch.apps.bilevel.cli import MAX_SHOTS
+
+    test = DigitsFewShot("test")
+    test.sample(1, shots=MAX_SHOTS, queries=15, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="shots"):
+        test.sample(1, shots=MAX_SHOTS + 1, queries=15, generator=torch.Generator())
+
+
+def test_counterexample_table_cells_have_no_bare_pipe():
+    from orthotorch.apps.bilevel.cli import counterexample_table
+    from orthotorch.apps.bilevel.experiments import CounterexampleResult
+
+    res = CounterexampleResult(
+        0.9, 0.0, {"fom": [0.0], "exact": [0.9]}, {"fom": [0.45], "exact": [1e-3]}, {}
+    )
+    rows = [r for r in counterexample_table(res).splitlines() if r.startswith("|")]
+    assert len(rows) == 4 and {r.count("|") for r in rows} == {5}  # 4 columns in every row
+
+
+def test_plots_fixed_colour_and_confidence_intervals(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from orthotorch.apps.bilevel import experiments as ex
+
+    drawn = []
+    real = Axes.errorbar
+
+    def spy(self, x, y, *a, **kw):
+        drawn.append((self.get_title() or id(self), kw["color"], kw["xerr"]))
+        return real(self, x, y, *a, **kw)
+
+    monkeypatch.setattr(Axes, "errorbar", spy)
+
+    def runs(labels, ci):
+        return [ex.RunResult(lab, lab.split()[0], None, 1, 10.0, 0.1, 5.0, ci) for lab in labels]
+
+    a = runs(
+        ["exact", "ufom q=0.1 (50%)", "ufom q=0.1 batch coin (50%)", "fom (50%)", "fom (100%)"], 0.5
+    )
+    b = runs(["exact", "ufom q=0.1 (50%)", "fom (50%)", "fom (100%)"], 0.25)  # no batch coin
+    ex.plot_results(
+        [ex.Panel("a", "m", a), ex.Panel("b", "m", b, log_x=True)], str(tmp_path / "p.png")
+    )
+    assert (tmp_path / "p.png").stat().st_size > 0
+    colours: dict[str, set[str]] = {}
+    labels = [r.label for r in a] + [r.label for r in b]
+    for label, (_, colour, xerr) in zip(labels, drawn):
+        colours.setdefault(label, set()).add(colour)
+        assert xerr[1][0] > 0  # every point carries its interval
+    assert all(len(c) == 1 for c in colours.values())  # one colour per method across panels
+    assert len({next(iter(c)) for c in colours.values()}) == 5  # and distinct methods differ
+    assert ex.method_colour("ufom q=adaptive (30%)") == ex.method_colour("ufom q=0.1 (50%)")
+    res = ex.fom_counterexample(sgd_steps=20, seeds=(0, 1))
+    assert res.trajectories["fom"].shape == (2, 21)
+    ex.plot_counterexample(res, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 0

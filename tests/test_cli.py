@@ -30,7 +30,10 @@ def test_no_command_prints_help_and_fails(capsys):
 
 def test_console_script_entry_point_runs():
     proc = subprocess.run(
-        [sys.executable, "-m", "orthotorch.apps.cli", "info"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "orthotorch.apps.cli", "info"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "orthotorch" in proc.stdout
 
@@ -43,7 +46,10 @@ def test_subcommands_registered():
 
 def test_python_dash_m_orthotorch_runs():
     proc = subprocess.run(
-        [sys.executable, "-m", "orthotorch", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "orthotorch", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert proc.stdout.strip() == f"orthotorch {orthotorch.__version__}"
 
@@ -77,6 +83,8 @@ def test_every_subcommand_help_exits_zero(path, capsys):
 def test_a_broken_subcommand_module_fails_loudly(monkeypatch):
     from orthotorch.apps import cli
 
-    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, ("ghost", "orthotorch.apps.no_such")))
+    monkeypatch.setattr(
+        cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, ("ghost", "orthotorch.apps.no_such"))
+    )
     with pytest.raises(ModuleNotFoundError, match="no_such"):
         cli.build_parser()

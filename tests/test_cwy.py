@@ -216,3 +216,68 @@ def test_reference_householder_product_rejects_zero_columns_and_bad_m():
         householder_product(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="`m`"):
         householder_product(torch.randn(3, 2), 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 10: double backward (gradient penalties, Hessian-vector products, MAML)
+
+
+@pytest.mark.parametrize(
+    "fn,shape",
+    [
+        (cwy, (4, 4)),
+        (cwy, (5, 2)),
+        (tcwy, (6, 2)),
+        (tcwy, (2, 4, 2)),
+        (lambda u: cwy_columns(u, 2), (5, 3)),
+    ],
+)
+def test_gradgradcheck_float64(fn, shape):
+    """The backward was once_differentiable: create_graph=True gave a wrong second derivative."""
+    U = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(fn, (U,), fast_mode=True)
+
+
+@pytest.mark.parametrize("fn,m", [(cwy, None), (tcwy, 3)])
+def test_hessian_vector_product_matches_sequential_householder_reference(fn, m):
+    """HVP through create_graph=True against plain autograd through the sequential product."""
+    g = torch.Generator().manual_seed(5)
+    U = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    cols = 7 if m is None else m
+    target = torch.randn(7, cols, dtype=torch.float64, generator=g)
+    direction = torch.randn(7, 3, dtype=torch.float64, generator=g)
+
+    def hvp(f):
+        loss = (torch.sin(f(U)) * target).sum()
+        (grad,) = torch.autograd.grad(loss, U, create_graph=True)
+        (h,) = torch.autograd.grad((grad * direction).sum(), U)
+        return grad.detach(), h
+
+    g1, h1 = hvp(fn)
+    g2, h2 = hvp(lambda u: householder_product(u, cols))
+    torch.testing.assert_close(g1, g2, atol=1e-12, rtol=0)
+    torch.testing.assert_close(h1, h2, atol=1e-11, rtol=0)
+
+
+def test_double_backward_in_float32_and_half_inputs():
+    U = torch.randn(9, 4, generator=torch.Generator().manual_seed(6))
+    for dtype in (torch.float32, torch.bfloat16):
+        u = U.to(dtype).requires_grad_(True)
+        (grad,) = torch.autograd.grad(tcwy(u).float().pow(3).sum(), u, create_graph=True)
+        (h,) = torch.autograd.grad(grad.float().pow(2).sum(), u)
+        u64 = U.to(dtype).double().requires_grad_(True)
+        (g64,) = torch.autograd.grad(tcwy(u64).pow(3).sum(), u64, create_graph=True)
+        (h64,) = torch.autograd.grad(g64.pow(2).sum(), u64)
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(h.double(), h64, atol=tol * float(h64.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("fn", [cwy, tcwy])
+def test_check_false_with_zero_column_gives_nan_as_documented(fn):
+    """check=False skips the only guard (documented in the module and function docstrings)."""
+    U = torch.randn(6, 3, dtype=torch.float64)
+    U[:, 1] = 0.0
+    with pytest.raises(ValueError, match="column 1"):
+        fn(U)
+    assert torch.isnan(fn(U, check=False)).any()
+    assert "check=False" in (fn.__doc__ or "") or "unchecked" in (fn.__doc__ or "")

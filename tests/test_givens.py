@@ -3,15 +3,17 @@
 import pytest
 import torch
 
-from orthotorch.graph_sampling import random_matching
+from orthotorch.graph_sampling import random_matching, round_robin_matching
 from orthotorch.manifolds import _native, givens
 from orthotorch.manifolds.givens import (
     check_matching,
     givens_matrix,
     givens_step_,
+    givens_steps_,
     pair_coefficients,
     rotate_pairs,
     rotate_pairs_,
+    rotate_pairs_autograd,
 )
 
 
@@ -109,7 +111,7 @@ def test_fused_step_is_exp_of_restricted_generator(path, layout, scaled):
 
 
 def test_step_is_descent_to_first_order(path):
-    """f(X) = <C, X>: the matching step decreases f by lr·Σ_M W_ij² + O(lr²) (DESIGN.md)."""
+    """f(X) = <C, X>: the matching step decreases f by lr·Σ_M W_ij² + O(lr²) (docs/design.md)."""
     n, k = 20, 5
     x = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))[0]
     c = torch.randn(n, k, dtype=torch.float64)
@@ -227,10 +229,15 @@ def test_native_status_reports():
     assert isinstance(givens.native_status(), str) and givens.native_status()
 
 
-def test_float32_small_angle_drift_is_not_systematic(path):
+@pytest.mark.parametrize("which", ["native", pytest.param("torch", marks=pytest.mark.slow)])
+def test_float32_small_angle_drift_is_not_systematic(which, monkeypatch):
     """cos θ rounds to 1 in float32 for |θ| < 2.4e-4; the plain form c·x + s·y then grows the rows by
     √(1 + θ²) per rotation (‖XᵀX − I‖ ≈ 8e-4 after 10⁴ steps at d = 256). The increment form must stay at
     the random-walk level of large angles (≈ 6e-5)."""
+    if which == "native" and _native.get_lib() is None:
+        pytest.skip("native kernel unavailable")
+    if which == "torch":  # 10⁴ steps of the torch path: minutes on a loaded machine
+        monkeypatch.setattr(_native, "get_lib", lambda: None)
     d, steps = 256, 10_000
     gen = torch.Generator().manual_seed(0)
     x = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))[0].float()
@@ -239,7 +246,7 @@ def test_float32_small_angle_drift_is_not_systematic(path):
     lr = 5e-5 / float(pair_coefficients(x, g, m.i, m.j).abs().mean())
     for _ in range(steps):
         m = random_matching(d, generator=gen)
-        givens_step_(x, g, m.i, m.j, lr)
+        givens_step_(x, g, m.i, m.j, lr, check=False)
     err = float((x.double().T @ x.double() - torch.eye(d, dtype=torch.float64)).norm())
     assert err < 2e-4, err
 
@@ -270,3 +277,353 @@ def test_step_co_rotate_equals_separate_rotation(path, layout, alias):
         w = givens_step_(x2, g, i, j, lr, scale=scale, co_rotate=y2)
     assert torch.allclose(w, w_ref, atol=1e-12)
     assert torch.allclose(x2, x_ref, atol=1e-12) and torch.allclose(y2, y_ref, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 10: checks of the public primitives
+
+
+def test_expanded_tensor_raises_instead_of_writing_through_aliases(path):
+    """Old behaviour: rotate_pairs_ wrote through the stride-0 memory of an expanded tensor."""
+    base = torch.randn(1, 3, dtype=torch.float64)
+    x = base.expand(6, 3)
+    before = base.clone()
+    i, j = torch.tensor([0, 2]), torch.tensor([1, 3])
+    with pytest.raises(ValueError, match="overlapping memory"):
+        rotate_pairs_(x, i, j, 0.3)
+    with pytest.raises(ValueError, match="overlapping memory"):
+        givens_step_(x, torch.randn(6, 3, dtype=torch.float64), i, j, 0.3)
+    with pytest.raises(ValueError, match=r"`co_rotate`.*overlapping"):
+        givens_step_(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64),
+                     i, j, 0.3, co_rotate=x)  # fmt: skip
+    with pytest.raises(ValueError, match="overlapping memory"):
+        givens_steps_(x, torch.randn(6, 3, dtype=torch.float64), [(i, j)], 0.3)
+    with pytest.raises(ValueError, match=r"`momentum_buffer`.*overlapping"):
+        givens_steps_(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64),
+                      [(i, j)], 0.3, momentum_buffer=x)  # fmt: skip
+    assert torch.equal(base, before)
+    # a read-only use of an expanded tensor is fine
+    w = pair_coefficients(x, torch.randn(6, 3, dtype=torch.float64), i, j)
+    assert w.shape == (2,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_invalid_pairs_raise_on_public_functions(path, dtype):
+    x = torch.randn(6, 3, dtype=torch.float64).to(dtype)
+    g = torch.randn(6, 3, dtype=torch.float64).to(dtype)
+    before = x.clone()
+    same, overlap = ([0, 2], [0, 3]), ([0, 1], [1, 2])
+    theta = torch.tensor([0.1, 0.2], dtype=dtype)
+    calls = [
+        lambda i, j: rotate_pairs_(x, i, j, theta),
+        lambda i, j: pair_coefficients(x, g, i, j),
+        lambda i, j: givens_step_(x, g, i, j, 0.1),
+        lambda i, j: givens_step_(x, g, i, j, 0.1, co_rotate=g.clone()),
+        lambda i, j: rotate_pairs(x, i, j, theta),
+        lambda i, j: givens_steps_(x, g, [(i, j)], 0.1),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"different rows, got i == j == 0"):
+            call(*same)
+        with pytest.raises(ValueError, match=r"disjoint \(a matching\): row 1 appears in 2 pairs"):
+            call(*overlap)
+    assert torch.equal(x, before)
+
+
+def test_unchecked_path_stays_for_the_optimizers(path):
+    """check=False skips the matching check (the optimizers' matchings are valid by construction) but
+    not the range check."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    g = torch.randn(6, 3, dtype=torch.float64)
+    i, j = torch.tensor([0, 1]), torch.tensor([1, 2])  # not disjoint
+    w = givens_step_(x, g, i, j, 0.1, check=False)
+    rotate_pairs_(x, i, j, 0.1, check=False)
+    assert torch.isfinite(w).all() and torch.isfinite(x).all()
+    with pytest.raises(IndexError, match=r"\[0, 6\)"):
+        givens_step_(x, g, torch.tensor([0, 9]), j, 0.1, check=False)
+
+
+def test_co_rotate_mismatch_names_co_rotate(path):
+    x = torch.randn(6, 3, dtype=torch.float64)
+    g = torch.randn(6, 3, dtype=torch.float64)
+    i, j = torch.tensor([0, 2]), torch.tensor([1, 3])
+    with pytest.raises(ValueError, match="`co_rotate` must have the shape of `x`"):
+        givens_step_(x, g, i, j, 0.1, co_rotate=torch.randn(6, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="`co_rotate` must have the dtype of `x`"):
+        givens_step_(x, g, i, j, 0.1, co_rotate=torch.randn(6, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [[0, 6], [-1, 2]])
+def test_half_precision_out_of_range_gives_our_index_error(dtype, bad):
+    """Old behaviour on this path: torch's bare "index out of range in self"."""
+    x = torch.randn(6, 3).to(dtype)
+    g = torch.randn(6, 3).to(dtype)
+    i, j = torch.tensor(bad), torch.tensor([1, 3])
+    for check in (True, False):
+        with pytest.raises(IndexError, match=r"must lie in \[0, 6\)"):
+            pair_coefficients(x, g, i, j, check=check)
+        with pytest.raises(IndexError, match=r"must lie in \[0, 6\)"):
+            rotate_pairs_(x, i, j, 0.1, check=check)
+        with pytest.raises(IndexError, match=r"must lie in \[0, 6\)"):
+            givens_step_(x, g, i, j, 0.1, check=check)
+        with pytest.raises(IndexError, match=r"must lie in \[0, 6\)"):
+            rotate_pairs(x, i, j, torch.zeros(2), check=check)
+
+
+def col_major(t):
+    """A fresh column-major (``.mT`` of a row-major matrix) copy of ``t`` (2-D)."""
+    return torch.empty(t.shape[-1], t.shape[-2], dtype=t.dtype).copy_(t.mT).mT
+
+
+@pytest.mark.parametrize("lay_x,lay_g", [("row", "col"), ("col", "row"), ("col", "col")])
+def test_single_matching_mixed_layouts(path, lay_x, lay_g):
+    """Mixed weight/gradient layouts give the reference result (they used to take a 10x slower loop)."""
+    n, k, lr = 20, 6, 0.3
+    x0 = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))[0].contiguous()
+    g0 = torch.randn(n, k, dtype=torch.float64)
+    y0 = torch.randn(n, k, dtype=torch.float64)
+    i, j = matching(n, 1)
+    w_ref = (g0 @ x0.T - x0 @ g0.T)[i, j]
+    x_ref = torch.linalg.matrix_exp(dense_generator(n, i, j, -lr * w_ref)) @ x0
+    y_ref = torch.linalg.matrix_exp(dense_generator(n, i, j, -lr * w_ref)) @ y0
+    lay = {"row": lambda t: t.clone(), "col": col_major}
+    x, g, y = lay[lay_x](x0), lay[lay_g](g0), lay[lay_x](y0)
+    assert torch.allclose(pair_coefficients(x, g, i, j), w_ref, atol=1e-12)
+    w = givens_step_(x, g, i, j, lr, co_rotate=y)
+    assert torch.allclose(w, w_ref, atol=1e-12)
+    assert torch.allclose(x, x_ref, atol=1e-12) and torch.allclose(y, y_ref, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 12: the fused multi-matching step
+
+
+def round_robin_rounds(n, m, start=0):
+    rounds = n - 1 if n % 2 == 0 else n
+    return [round_robin_matching(n, (start + s) % rounds) for s in range(m)]
+
+
+def dense_rotation(n, i, j, theta):
+    """expm(Σ θ_p (E_ij − E_ji)) written out with cos/sin (torch's float64 matrix_exp is only accurate to
+    ~2e-10 for generators of norm ~0.05: it picks a low-degree Taylor polynomial there)."""
+    rot = torch.eye(n, dtype=torch.float64).expand(*theta.shape[:-1], n, n).clone()
+    c, s = torch.cos(theta), torch.sin(theta)
+    for p in range(i.numel()):
+        a, b = int(i[p]), int(j[p])
+        rot[..., a, a], rot[..., b, b] = c[..., p], c[..., p]
+        rot[..., a, b], rot[..., b, a] = s[..., p], -s[..., p]
+    return rot
+
+
+def dense_steps(x, g, b, rounds, lr, scales, mu, tau, mode):
+    """Independent reference: dense generators and rotations, in the order of optim/sgd.py."""
+    x, g = x.double().clone(), g.double()
+    b = None if b is None else b.double().clone()
+    n = x.shape[-2]
+    if b is not None:
+        b = mu * b + (1 - tau) * g
+    for r, sc in zip(rounds, scales):
+        d = g if mode == "plain" else b
+        w = (d @ x.mT - x @ d.mT)[..., r.i, r.j]
+        if mode == "nesterov":
+            w = (g @ x.mT - x @ g.mT)[..., r.i, r.j] + mu * (b @ x.mT - x @ b.mT)[..., r.i, r.j]
+        theta = -lr * w * (1.0 if sc is None else sc.double())
+        rot = dense_rotation(n, r.i, r.j, theta)
+        x = rot @ x
+        if b is not None:
+            b = rot @ b
+    return x, b
+
+
+def sgd_loop(x, g, b, rounds, lr, scales, mu, tau, mode):
+    """The loop of optim/sgd.py with the single-matching primitives (what givens_steps_ replaces)."""
+    if b is not None:
+        b.mul_(mu).add_(g, alpha=1 - tau)
+    for r, sc in zip(rounds, scales):
+        if mode == "plain":
+            givens_step_(x, g, r.i, r.j, lr, scale=sc)
+        elif mode == "nesterov":
+            w = pair_coefficients(x, g, r.i, r.j) + mu * pair_coefficients(x, b, r.i, r.j)
+            theta = -lr * w if sc is None else -lr * w * sc.to(w.dtype)
+            rotate_pairs_(x, r.i, r.j, theta)
+            rotate_pairs_(b, r.i, r.j, theta)
+        else:
+            givens_step_(x, b, r.i, r.j, lr, scale=sc, co_rotate=b)
+
+
+@pytest.mark.parametrize("mode", ["plain", "heavy_ball", "nesterov"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,k,batch", [(16, 5, ()), (33, 8, ()), (12, 4, (2,))])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_steps_equal_sequential_single_steps(path, mode, dtype, n, k, batch, scaled):
+    gen = torch.Generator().manual_seed(n + k)
+    x0 = torch.linalg.qr(torch.randn(*batch, n, k, dtype=torch.float64, generator=gen))[0]
+    g = torch.randn(*batch, n, k, dtype=torch.float64, generator=gen)
+    b0 = None if mode == "plain" else torch.randn(*batch, n, k, dtype=torch.float64, generator=gen)
+    m, lr, mu, tau = 6, 0.05, 0.9, 0.1
+    rounds = [*round_robin_rounds(n, m - 1, start=3), random_matching(n, generator=gen)]
+    scales = [torch.rand(r.i.numel(), generator=gen) + 0.5 if scaled else None for r in rounds]
+    x_ref, b_ref = dense_steps(x0, g, b0, rounds, lr, scales, mu, tau, mode)
+    x, gg = x0.to(dtype).contiguous(), g.to(dtype)
+    b = None if b0 is None else b0.to(dtype).clone()
+    out = givens_steps_(
+        x, gg, rounds, lr, scales=scales, momentum_buffer=b, momentum=mu, dampening=tau,
+        nesterov=mode == "nesterov",
+    )  # fmt: skip
+    assert out is x
+    x2, b2 = x0.to(dtype).contiguous(), None if b0 is None else b0.to(dtype).clone()
+    sgd_loop(x2, gg, b2, rounds, lr, scales, mu, tau, mode)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(x.double(), x_ref, atol=tol, rtol=0)
+    assert torch.allclose(x, x2, atol=tol, rtol=0)
+    if b is not None:
+        assert torch.allclose(b.double(), b_ref, atol=tol * 10, rtol=0)
+        assert torch.allclose(b, b2, atol=tol * 10, rtol=0)
+    assert torch.allclose(gg, g.to(dtype))  # the gradient is read only
+
+
+def test_fused_steps_without_buffer_update_and_with_tensor_rounds(path):
+    """update_buffer=False (the step that initialises B = G) and rounds as an (m, P, 2) tensor."""
+    n, k, lr = 10, 3, 0.2
+    x0 = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))[0].contiguous()
+    g = torch.randn(n, k, dtype=torch.float64)
+    rounds = round_robin_rounds(n, 4)
+    as_tensor = torch.stack([torch.stack([r.i, r.j], -1) for r in rounds])
+    x, b = x0.clone(), g.clone()
+    givens_steps_(x, g, as_tensor, lr, momentum_buffer=b, momentum=0.9, update_buffer=False)
+    x_ref, b_ref = dense_steps(x0, g, g, rounds, lr, [None] * 4, 0.0, 0.0, "heavy_ball")
+    assert torch.allclose(x, x_ref, atol=1e-12) and torch.allclose(b, b_ref, atol=1e-12)
+
+
+def test_fused_steps_rows_outside_every_matching_still_get_the_buffer_update(path):
+    n, k = 7, 3  # odd n: one row sits out of each round
+    x0 = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))[0].contiguous()
+    g, b0 = torch.randn(n, k, dtype=torch.float64), torch.randn(n, k, dtype=torch.float64)
+    rounds = [round_robin_matching(n, 0)]
+    x, b = x0.clone(), b0.clone()
+    givens_steps_(x, g, rounds, 0.1, momentum_buffer=b, momentum=0.5, dampening=0.2)
+    x_ref, b_ref = dense_steps(x0, g, b0, rounds, 0.1, [None], 0.5, 0.2, "heavy_ball")
+    assert torch.allclose(b, b_ref, atol=1e-12) and torch.allclose(x, x_ref, atol=1e-12)
+
+
+LAYOUTS = ["row", "col", "sliced", "row_strided"]
+
+
+def with_layout(t, kind):
+    if kind == "row":
+        return t.contiguous().clone()
+    if kind == "col":
+        if t.dim() == 2:
+            return col_major(t)
+        return t.mT.contiguous().mT.clone(memory_format=torch.preserve_format)
+    if kind == "sliced":  # no contiguous dimension at all
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    big = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype)  # rows contiguous, padded
+    big[..., : t.shape[-1]] = t
+    return big[..., : t.shape[-1]]
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_fused_steps_identical_across_layouts(path, batch):
+    """Every layout of weight, gradient and buffer (contiguous, column-major, sliced, padded rows; the
+    column-major kernel goes through tiles of 16 rows, so n = 37 also tests a partial tile)."""
+    n, k = 37, 9
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.linalg.qr(torch.randn(*batch, n, k, dtype=torch.float64, generator=gen))[0]
+    g0 = torch.randn(*batch, n, k, dtype=torch.float64, generator=gen)
+    b0 = torch.randn(*batch, n, k, dtype=torch.float64, generator=gen)
+    rounds = [*round_robin_rounds(n, 5), random_matching(n, generator=gen)]
+    x_ref, b_ref = dense_steps(x0, g0, b0, rounds, 0.1, [None] * 6, 0.9, 0.0, "heavy_ball")
+    for lx in LAYOUTS:
+        for lg in LAYOUTS:
+            for lb in ("row", "col"):
+                x, g, b = with_layout(x0, lx), with_layout(g0, lg), with_layout(b0, lb)
+                strides = (x.stride(), g.stride(), b.stride())
+                givens_steps_(x, g, rounds, 0.1, momentum_buffer=b, momentum=0.9)
+                assert (x.stride(), g.stride(), b.stride()) == strides  # layouts kept
+                assert torch.allclose(x, x_ref, atol=1e-12), (lx, lg, lb)
+                assert torch.allclose(b, b_ref, atol=1e-12), (lx, lg, lb)
+
+
+def test_fused_steps_wide_weight_through_its_transpose(path):
+    """A wide weight (k, n) stored row-major, rotated through .mT: the optimizers' wide case."""
+    k, n = 5, 40
+    w = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64))[0].T.contiguous()
+    gw, bw = torch.randn(k, n, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
+    rounds = round_robin_rounds(n, 8)
+    x_ref, b_ref = dense_steps(w.mT, gw.mT, bw.mT, rounds, 0.2, [None] * 8, 0.9, 0.0, "nesterov")
+    givens_steps_(w.mT, gw.mT, rounds, 0.2, momentum_buffer=bw.mT, momentum=0.9, nesterov=True)
+    assert torch.allclose(w.mT, x_ref, atol=1e-12) and torch.allclose(bw.mT, b_ref, atol=1e-12)
+
+
+def test_fused_steps_threads_give_bitwise_the_same_result():
+    """The wavefront schedule runs each pair's arithmetic unchanged, so any thread count and any
+    interleaving give the same bits (n, k, m chosen above the kernel's parallel threshold)."""
+    if _native.get_lib() is None:
+        pytest.skip("native kernel unavailable")
+    n, k, m = 256, 64, 8
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.linalg.qr(torch.randn(n, k, generator=gen))[0].contiguous()
+    g, b0 = torch.randn(n, k, generator=gen), torch.randn(n, k, generator=gen)
+    rounds = round_robin_rounds(n, m, start=7)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            for lay in ("row", "col"):
+                x, b = with_layout(x0, lay), with_layout(b0, lay)
+                givens_steps_(x, g, rounds, 0.01, momentum_buffer=b, momentum=0.9)
+                results.append((x.contiguous(), b.contiguous()))
+    finally:
+        torch.set_num_threads(threads)
+    for x, b in results[1:]:
+        assert torch.equal(x, results[0][0]) and torch.equal(b, results[0][1])
+
+
+def test_fused_steps_bad_inputs():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    g = torch.randn(6, 3, dtype=torch.float64)
+    good = [(torch.tensor([0, 2]), torch.tensor([1, 3]))]
+    with pytest.raises(ValueError, match=r"`rounds` must have shape \(m, P, 2\)"):
+        givens_steps_(x, g, torch.zeros(2, 3, dtype=torch.int64), 0.1)
+    with pytest.raises(TypeError, match="`rounds` must be"):
+        givens_steps_(x, g, 3, 0.1)
+    with pytest.raises(ValueError, match=r"rounds\[1\]"):
+        givens_steps_(x, g, [good[0], ([0, 1], [1, 2])], 0.1)
+    with pytest.raises(ValueError, match="`scales`"):
+        givens_steps_(x, g, good, 0.1, scales=[None, None])
+    with pytest.raises(ValueError, match=r"`scales\[0\]` must have shape"):
+        givens_steps_(x, g, good, 0.1, scales=[torch.ones(3)])
+    with pytest.raises(ValueError, match="needs a `momentum_buffer`"):
+        givens_steps_(x, g, good, 0.1, nesterov=True)
+    with pytest.raises(ValueError, match="must not alias `g`"):
+        givens_steps_(x, g, good, 0.1, momentum_buffer=g)
+    with pytest.raises(TypeError, match="`momentum_buffer` must have the dtype"):
+        givens_steps_(x, g, good, 0.1, momentum_buffer=torch.zeros(6, 3))
+    with pytest.raises(ValueError, match="`lr` must be finite"):
+        givens_steps_(x, g, good, float("nan"))
+    with pytest.raises(IndexError, match=r"\[0, 6\)"):
+        givens_steps_(x, g, [([0, 7], [1, 2])], 0.1, check=False)
+
+
+def test_rotate_pairs_double_backward_is_exact():
+    """Second derivatives through the analytic backward (create_graph=True) are right, not silent constants."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    theta = torch.randn(2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    i, j = torch.tensor([0, 2, 4]), torch.tensor([5, 1, 3])
+    torch.autograd.gradcheck(lambda a, t: rotate_pairs(a, i, j, t), (x, theta))
+    torch.autograd.gradgradcheck(lambda a, t: rotate_pairs(a, i, j, t), (x, theta))
+
+    # a gradient penalty's derivative against the plain-ops reference
+    def penalty(fn):
+        y = fn(x, i, j, theta)
+        gx, gt = torch.autograd.grad((y.sin() * y).sum(), (x, theta), create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum() + gt.pow(2).sum(), (x, theta))
+
+    for ours, ref in zip(penalty(rotate_pairs), penalty(rotate_pairs_autograd)):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)

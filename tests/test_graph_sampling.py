@@ -218,3 +218,39 @@ def test_greedy_sampler_and_factory_errors():
         make_sampler("colouring", 4)
     with pytest.raises(ValueError, match="outside the 4 rows"):
         ColouringSampler(4, nx.path_graph(6))
+
+
+def test_greedy_sample_many_removes_used_pairs_and_matches_an_explicit_loop():
+    n = 8
+    w = torch.rand(n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    w = w + w.T
+    w.fill_diagonal_(0.0)
+    before = w.clone()
+    got = GreedySampler(n).sample_many(w, 3)
+    assert torch.equal(w, before)  # input untouched
+    ref, used = [], set()
+    work = w.clone()
+    for _ in range(3):  # independent reference: greedy_matching with used pairs zeroed by hand
+        m = greedy_matching(work)
+        ref.append(pairs_of(m))
+        for a, b in pairs_of(m):
+            used.add((a, b))
+            work[a, b] = work[b, a] = 0.0
+    assert [pairs_of(m) for m in got] == ref
+    seen = [p for m in got for p in pairs_of(m)]
+    assert len(seen) == len(set(seen))  # no pair twice across the matchings
+    for m in got:
+        assert_disjoint(m)
+    with pytest.raises(ValueError, match="shape"):
+        GreedySampler(n).sample_many(torch.zeros(3, 3), 1)
+    with pytest.raises(ValueError, match="`m`"):
+        GreedySampler(n).sample_many(w, 0)
+
+
+def test_make_sampler_accepts_both_spellings_of_colouring_and_checks_the_name_type():
+    g = nx.cycle_graph(6)
+    a, b = make_sampler("colouring", 6, graph=g), make_sampler("coloring", 6, graph=g)
+    assert isinstance(a, ColouringSampler) and isinstance(b, ColouringSampler)
+    assert [pairs_of(m) for m in a.classes] == [pairs_of(m) for m in b.classes]
+    with pytest.raises(TypeError, match="name"):
+        make_sampler(None, 6)

@@ -16,6 +16,8 @@ import pytest
 import scipy.linalg
 import torch
 
+import orthotorch.manifolds.stiefel as st
+from orthotorch.graph_sampling import round_robin
 from orthotorch.manifolds.stiefel import (
     METRICS,
     RETRACTIONS,
@@ -160,7 +162,7 @@ def test_egrad2rgrad_is_riesz_representer(seed, n, k, metric):
     rhs = (grad * v).sum(dim=(-2, -1))
     torch.testing.assert_close(lhs, rhs, atol=1e-11, rtol=0)
     if metric == "canonical":
-        w = grad @ x.mT - x @ grad.mT  # DESIGN.md: canonical gradient = W x
+        w = grad @ x.mT - x @ grad.mT  # docs/design.md: canonical gradient = W x
         torch.testing.assert_close(rg, w @ x, atol=1e-12, rtol=0)
 
 
@@ -286,8 +288,6 @@ def test_skew_generator_identity():
 
 @pytest.mark.parametrize("n, k", [(6, 2), (7, 3), (5, 5)])
 def test_givens_sweep_matches_dense_product(n, k):
-    from orthotorch.graph_sampling import round_robin
-
     m = make(n, k, retraction="givens_sweep")
     x, u, _ = point_and_tangent(m, (n, k), 10)
     a = dense_a(x, u)
@@ -576,13 +576,13 @@ def test_bad_inputs_raise_clear_errors():
         Stiefel().retr(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="`x` must have n=5"):
         m.egrad2rgrad(torch.zeros(4, 2), torch.zeros(4, 2))
-    with pytest.raises(ValueError, match="`u` must have the same shape"):
-        m.retr(x, torch.zeros(2, 5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"`u` must have the shape of `x`.*broadcast"):
+        m.retr(x.expand(3, 5, 2), torch.zeros(2, 5, 2, dtype=torch.float64))
     with pytest.raises(TypeError, match="`u` must have the same dtype"):
         m.retr(x, torch.zeros(5, 2, dtype=torch.float32))
-    with pytest.raises(ValueError, match="`v` must have the same shape"):
+    with pytest.raises(ValueError, match="`v` must have the shape of `x`"):
         m.inner(x, u, torch.zeros(5, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="`y` must have the same shape"):
+    with pytest.raises(ValueError, match="`y` must have the shape of `x`"):
         Stiefel().transp(x, torch.zeros(6, 2, dtype=torch.float64), torch.zeros(6, 2).double())
     with pytest.raises(TypeError, match="`v` must have the same dtype as `y`"):
         Stiefel().transp(x, x, torch.zeros(5, 2))
@@ -616,8 +616,6 @@ def test_point_and_tangent_checks():
 
 def test_givens_sweep_angle_paths_agree(monkeypatch):
     """The dense-GEMM angles (small n) and the pair_coefficients angles (large n) give the same sweep."""
-    import orthotorch.manifolds.stiefel as st
-
     m = Stiefel(9, 3, retraction="givens_sweep")
     x, u, g = point_and_tangent(m, (2, 9, 3), 60)
     v = m.proju(x, torch.randn(2, 9, 3, generator=g, dtype=torch.float64))
@@ -643,6 +641,16 @@ def test_cuda_paths():
             assert tangent_err(y, w) < 1e-10
             cpu = type(m)(*((m.n, m.k) if type(m) is Stiefel else (m.n,)), retraction=r)
             torch.testing.assert_close(y.cpu(), cpu.retr(x.cpu(), u.cpu()), atol=1e-10, rtol=0)
+            assert y.is_contiguous() and w.is_contiguous() and m.projx(x.mT.mT).is_contiguous()
+    # low-rank expm in float32 on the device: on the manifold for a huge step, with and without autograd
+    m = Stiefel(64, 4, retraction="expm")
+    x = m.random_(generator=g, dtype=torch.float32).as_subclass(torch.Tensor)
+    u = m.proju(x, torch.randn(x.shape, generator=g, device=dev))
+    u = 1e4 * u / torch.linalg.matrix_norm(u)
+    assert orth_err(m.retr(x, u).cpu()) < 2e-6
+    assert orth_err(m.retr(x, u.clone().requires_grad_(True)).detach().cpu()) < 1e-3
+    for dtype in (torch.float16, torch.bfloat16):
+        assert m.check_point_on_manifold(m.random_(generator=g, dtype=dtype))
 
 
 def test_so_component_correct_at_large_d_float32():
@@ -659,3 +667,263 @@ def test_so_component_correct_at_large_d_float32():
     assert torch.linalg.slogdet(m.random_(d, d, generator=gen).double())[0] > 0
     ok, _ = m._check_point_on_manifold(q, atol=1e-4, rtol=1e-4)
     assert not ok
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 12 §1: memory layout of everything we create
+
+
+ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+LAYOUT_CASES = [
+    (Stiefel, (6, 3), (6, 3)),
+    (Stiefel, (6, 3), (2, 6, 3)),
+    (Stiefel, (None, None), (4, 9, 2)),
+    (OrthogonalGroup, (5,), (5, 5)),
+    (OrthogonalGroup, (None,), (3, 4, 4)),
+    (SpecialOrthogonalGroup, (5,), (5, 5)),
+    (SpecialOrthogonalGroup, (None,), (2, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("cls, args, shape", LAYOUT_CASES)
+def test_random_and_projx_return_row_major_contiguous(cls, args, shape, dtype):
+    """OrthogonalGroup(d).random() and Stiefel(n, k).random() were column-major (LAPACK's Q)."""
+    m = cls(*args)
+    fixed = args[0] is not None and len(shape) == 2
+    draws = [m.random_(*shape, dtype=dtype, generator=gen(0)), m.random(shape, dtype=dtype)]
+    if fixed:
+        draws += [m.random_(dtype=dtype, generator=gen(1)), m.random(dtype=dtype)]
+    draws.append(m.origin(*shape, dtype=dtype))
+    for x in draws:
+        assert x.shape == shape and x.dtype == dtype
+        assert x.is_contiguous() and x.stride(-1) == 1, (cls.__name__, x.stride())
+    # projx of every input layout: contiguous, column-major (transposed storage), sliced
+    base = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen(2)).to(dtype).mT
+    sliced = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen(3)).to(dtype)[..., ::2]
+    for z in (base.contiguous(), base, sliced):
+        p = m.projx(z)
+        assert p.is_contiguous(), (cls.__name__, z.stride(), p.stride())
+        torch.testing.assert_close(p.float(), m.projx(z.contiguous()).float(), atol=0, rtol=0)
+    # retractions and transports of a column-major point are contiguous as well
+    x = draws[0].as_subclass(torch.Tensor)
+    xt = x.mT.contiguous().mT  # same values, column-major storage
+    u = m.proju(xt, torch.randn(shape, generator=gen(4)).to(dtype))
+    for r in RETRACTIONS:
+        mm = cls(*args, retraction=r)
+        assert mm.retr(xt, u).is_contiguous(), r
+        y, w = mm.retr_transp(xt, u, u)
+        assert y.is_contiguous() and w.is_contiguous(), r
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 10 "Manifolds": half precision points, expm on tall points, wide ManifoldParameter
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "m, shape",
+    [
+        (Stiefel(8, 3), (8, 3)),
+        (Stiefel(256, 16), (256, 16)),
+        (Stiefel(), (4, 64, 64)),
+        (OrthogonalGroup(3), (3, 3)),
+        (OrthogonalGroup(128), (128, 128)),
+        (SpecialOrthogonalGroup(5), (6, 5, 5)),
+    ],
+)
+def test_half_precision_random_passes_its_own_point_check(m, shape, dtype):
+    """The tolerance was fixed at 2e-5; a float16 (bfloat16) Haar point is off by ~3e-4 (3e-3)."""
+    for seed in SEEDS:
+        x = m.random_(*shape, dtype=dtype, generator=gen(seed))
+        assert m.check_point_on_manifold(x), (m, dtype, seed)
+        m.assert_check_point_on_manifold(x)
+        geoopt.ManifoldParameter(x, manifold=m)  # geoopt's own construction path
+        # the dtype-aware tolerance still rejects points that are clearly off the manifold
+        assert not m.check_point_on_manifold((1.05 * x.float()).to(dtype))
+        u = m.proju(x, torch.randn(shape, generator=gen(seed + 10)).to(dtype))
+        assert m.check_vector_on_tangent(x, u)
+        assert not m.check_vector_on_tangent(x, (u.float() + x.float()).to(dtype))
+    # float32 keeps the tight default tolerance
+    x = m.random_(*shape, dtype=torch.float32, generator=gen(0))
+    assert not m.check_point_on_manifold(x * (1 + 1e-4))
+
+
+STEPS = [1.0, 10.0, 100.0, 1e3, 1e4, 1e6]
+
+
+@pytest.mark.parametrize("n, k", [(9, 2), (100, 5), (512, 16)])
+def test_expm_lowrank_float32_stays_on_manifold_for_huge_steps(n, k):
+    """4k < n: the old φ(VᵀU) formula left the manifold like |u|² (1e-4 at 100, 1e-2 at 1000, 0.5+
+    for St(9, 2) at 1e4); the basis form is exact for every step, the autograd form drifts like eps·|u|."""
+    m = Stiefel(n, k, retraction="expm")
+    x = m.random_(generator=gen(70), dtype=torch.float32).as_subclass(torch.Tensor)
+    u = m.proju(x, torch.randn(n, k, generator=gen(71)))
+    u = u / torch.linalg.matrix_norm(u)
+    for step in STEPS:
+        y = m.retr(x, step * u)
+        assert orth_err(y) < 2e-6, (step, orth_err(y))
+        y, w = m.retr_transp(x, step * u, u)
+        assert orth_err(y) < 2e-6 and tangent_err(y, w) < 5e-6, step
+        torch.testing.assert_close(
+            torch.linalg.matrix_norm(w), torch.tensor(1.0), atol=1e-5, rtol=0
+        )
+    # under autograd (differentiable to any order): eps·|u|/10 or better
+    for step in STEPS[:5]:
+        ug = (step * u).requires_grad_(True)
+        y = m.retr(x, ug)
+        assert orth_err(y.detach()) < max(2e-6, 3e-8 * step), (step, orth_err(y.detach()))
+
+
+@pytest.mark.parametrize("n, k", [(9, 2), (30, 3)])
+def test_expm_lowrank_matches_scipy_across_step_sizes_float64(n, k):
+    m = Stiefel(n, k, retraction="expm")
+    x, u, g = point_and_tangent(m, (n, k), 72)
+    v = m.proju(x, torch.randn(n, k, generator=g, dtype=torch.float64))
+    u = u / torch.linalg.matrix_norm(u)
+    for step in STEPS:
+        rot = scipy.linalg.expm(dense_a(x, step * u).numpy())
+        tol = 1e-13 * (10 + step)
+        y, w = m.retr_transp(x, step * u, v)
+        np.testing.assert_allclose(y.numpy(), rot @ x.numpy(), atol=tol, rtol=0)
+        np.testing.assert_allclose(w.numpy(), rot @ v.numpy(), atol=tol, rtol=0)
+        assert orth_err(y) < tol
+        # the autograd path computes the same map
+        yg = m.retr(x, (step * u).requires_grad_(True)).detach()
+        np.testing.assert_allclose(yg.numpy(), rot @ x.numpy(), atol=10 * tol, rtol=0)
+
+
+def test_expm_lowrank_autograd_path_is_smooth_at_zero_and_twice_differentiable():
+    """The exact (QR) path's backward is singular at u = 0; the autograd path must not be."""
+    m = Stiefel(9, 2, retraction="expm")
+    x, u, _ = point_and_tangent(m, (9, 2), 73)
+    x.requires_grad_(True)
+    for uu in (torch.zeros_like(u), x.detach() @ torch.tensor([[0.0, 1.0], [-1.0, 0.0]]).double()):
+        uu = uu.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda a, b: m.retr(a, b), (x, uu))
+    small = Stiefel(5, 1, retraction="expm")  # still the low-rank branch (4k < n)
+    x, _, _ = point_and_tangent(small, (5, 1), 74)
+    for uu in (torch.zeros_like(x), small.proju(x, torch.randn(5, 1, generator=gen(75)).double())):
+        uu = uu.clone().requires_grad_(True)
+        assert torch.autograd.gradgradcheck(lambda b: small.retr(x, b), (uu,))
+
+
+def test_wide_manifold_parameter_gives_our_message():
+    with pytest.raises(ValueError, match="transpose wide weights") as info:
+        geoopt.ManifoldParameter(torch.randn(3, 8), manifold=Stiefel())
+    assert "seems to be not valid" not in str(info.value)
+    with pytest.raises(ValueError, match=r"n >= k.*Stiefel"):
+        geoopt.ManifoldTensor(torch.randn(2, 3, 8), manifold=Stiefel(retraction="cayley"))
+    with pytest.raises(ValueError, match="square"):
+        geoopt.ManifoldParameter(torch.randn(4, 3), manifold=OrthogonalGroup())
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 14: geoopt conventions (broadcasting, reversible retractions, samplers)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_u_broadcasts_against_batched_x_as_in_geoopt(n, k, metric):
+    """geoopt broadcasts ``u`` against a batched ``x`` (and back); we raised a shape error."""
+    ref = geoopt.EuclideanStiefel()  # its proju is the orthogonal projection, as ours
+    for r in RETRACTIONS:
+        m = make(n, k, metric=metric, retraction=r)
+        x, _, g = point_and_tangent(m, (3, n, k), 74)
+        w = torch.randn(n, k, generator=g, dtype=torch.float64)
+        wb = torch.randn(3, n, k, generator=g, dtype=torch.float64)
+        # batched x with unbatched u, and unbatched x with batched u: the explicit loop over items
+        for xx, ww in ((x, w), (x[1], wb)):
+            xe, we = xx.expand(3, n, k), ww.expand(3, n, k)
+            pu = m.proju(xx, ww)
+            assert pu.shape == (3, n, k)
+            torch.testing.assert_close(pu, ref.proju(xx, ww), atol=1e-12, rtol=0)
+            eg = m.egrad2rgrad(xx, ww)
+            torch.testing.assert_close(
+                eg, torch.stack([m.egrad2rgrad(xe[b], we[b]) for b in range(3)])
+            )
+            # a small step of the unbatched argument (not tangent everywhere: retr accepts any u)
+            uu = 0.3 * ww
+            y = m.retr(xx, uu)
+            yy, vv = m.retr_transp(xx, uu, ww)
+            for b in range(3):
+                torch.testing.assert_close(
+                    y[b], m.retr(xe[b], uu.expand(3, n, k)[b]), atol=1e-12, rtol=0
+                )
+                y_ref, v_ref = m.retr_transp(xe[b], uu.expand(3, n, k)[b], we[b])
+                torch.testing.assert_close(yy[b], y_ref, atol=1e-12, rtol=0)
+                torch.testing.assert_close(vv[b], v_ref, atol=1e-12, rtol=0)
+            torch.testing.assert_close(
+                m.inner(xx, ww), torch.stack([m.inner(xe[b], we[b]) for b in range(3)])
+            )
+            torch.testing.assert_close(
+                m.inner(xx, ww, 2 * ww, keepdim=True),
+                torch.stack([m.inner(xe[b], we[b], 2 * we[b], keepdim=True) for b in range(3)]),
+            )
+            torch.testing.assert_close(
+                m.transp(xx, y, ww), torch.stack([m.transp(xe[b], y[b], we[b]) for b in range(3)])
+            )
+        # the unbatched point with a batched target point in transp
+        torch.testing.assert_close(m.transp(x[0], x, wb), m.proju(x, wb))
+
+
+@pytest.mark.parametrize("retraction", RETRACTIONS)
+@pytest.mark.parametrize("n, k", [(12, 2), (7, 3), (5, 5)])
+def test_reversible_flag_matches_the_retraction(retraction, n, k):
+    """reversible=True exactly for cayley and expm: R_y(−T(u)) = x and T(T(v)) back = v."""
+    m = make(n, k, retraction=retraction)
+    assert m.reversible is (retraction in ("cayley", "expm"))
+    x, u, g = point_and_tangent(m, (2, n, k), 75, scale=2.0)
+    v = m.proju(x, torch.randn(2, n, k, generator=g, dtype=torch.float64))
+    y, tu = m.retr_transp(x, u, u)
+    _, tv = m.retr_transp(x, u, v)
+    x2, v2 = m.retr_transp(y, -tu, tv)
+    err = max(float((x2 - x).abs().max()), float((v2 - v).abs().max()))
+    if m.reversible:
+        assert err < 1e-12, err
+    else:
+        assert err > 1e-6, err  # a non-reversible retraction is not declared reversible by accident
+
+
+@pytest.mark.parametrize("sampler", ["RHMC", "SGRHMC", "RSGLD"])
+@pytest.mark.parametrize("retraction", ["cayley", "expm"])
+def test_geoopt_samplers_accept_rotation_retractions(sampler, retraction):
+    m = Stiefel(6, 2, retraction=retraction)
+    target = torch.randn(6, 2, generator=gen(76), dtype=torch.float64)
+    p = geoopt.ManifoldParameter(m.random_(generator=gen(77), dtype=torch.float64), manifold=m)
+    cls = getattr(geoopt.samplers, sampler)
+    s = cls([p], epsilon=1e-2)
+    s.burnin = False
+    np.random.seed(0)  # RHMC's accept/reject draws from numpy's global RNG
+    torch.manual_seed(0)  # geoopt's samplers draw their momenta from torch's global RNG
+    for _ in range(20):
+        s.step(lambda: -((p - target) ** 2).sum())
+    assert orth_err(p.detach()) < 1e-10
+    if sampler == "RHMC":
+        assert s.rejection_rate < 0.5
+    with pytest.raises(ValueError, match="reversible"):
+        qr_m = Stiefel(6, 2, retraction="qr")
+        q = geoopt.ManifoldParameter(qr_m.random_(generator=gen(78)), manifold=qr_m)
+        cls([q], epsilon=1e-2)
+
+
+@pytest.mark.parametrize("retraction", RETRACTIONS)
+@pytest.mark.parametrize("n, k", [(5, 1), (4, 2)])
+def test_retraction_double_backward(retraction, n, k):
+    """Second derivatives through every retraction (MAML-style inner steps): givens_sweep went through
+    the first-order rotate_pairs Function and gave a silently wrong second derivative."""
+    m = make(n, k, retraction=retraction)
+    x, u, _ = point_and_tangent(m, (n, k), 80, scale=0.5)
+    u = u.clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda b: m.retr(x, b), (u,), fast_mode=True)
+    xg = x.clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda a: m.retr(a, u.detach()), (xg,), fast_mode=True)
+    # the autograd path computes the same point as the no-grad path, batched and broadcast
+    xb, ub, _ = point_and_tangent(m, (2, n, k), 81)
+    torch.testing.assert_close(
+        m.retr(xb, ub.requires_grad_(True)).detach(), m.retr(xb, ub.detach())
+    )
+    torch.testing.assert_close(
+        m.retr(xb[0], ub.detach().requires_grad_(True)).detach(),
+        m.retr(xb[0].expand_as(ub), ub.detach()),
+    )

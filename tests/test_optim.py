@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
+import pickle
 import warnings
 
 import geoopt
@@ -14,8 +16,24 @@ import scipy.linalg
 import torch
 
 from conftest import orth_error
-from orthotorch.graph_sampling import random_matching, round_robin_matching
-from orthotorch.optim import DEFAULT_SEED, OrthogonalAdam, OrthogonalSGD, project_
+from orthotorch._numerics import qr_sign_fixed
+from orthotorch.graph_sampling import (
+    ColouringSampler,
+    GreedySampler,
+    make_sampler,
+    random_matching,
+    round_robin_matching,
+)
+from orthotorch.manifolds import OrthogonalGroup, SpecialOrthogonalGroup
+from orthotorch.optim import (
+    DEFAULT_SEED,
+    OrthogonalAdam,
+    OrthogonalAdamW,
+    OrthogonalSGD,
+    constraint_of,
+    param_groups,
+    project_,
+)
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -726,3 +744,728 @@ def test_half_precision_descends_and_stabilize_bounds_the_drift(dtype, cls):
     assert p.dtype == dtype
     assert losses[-1] < 0.5 * losses[0]
     assert orth_error(p.detach().double()) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 14: half-precision resume, torch / older state dicts, torch's flags, tensor lr, hooks
+
+
+def _grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+
+
+def _save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (OrthogonalSGD, {"lr": 0.05, "momentum": 0.9}),
+        (OrthogonalAdam, {"lr": 1e-2, "amsgrad": True}),
+    ],
+)
+def test_resume_is_bit_identical_for_every_dtype(dtype, cls, kwargs):
+    x0 = _orth(8, dtype=dtype)
+    free0 = torch.randn(5).to(dtype)
+    p, free = torch.nn.Parameter(x0.clone()), torch.nn.Parameter(free0.clone())
+
+    def make(p, free):
+        return cls([{"params": [p], "manifold": "so"}, {"params": [free]}], stabilize=3, **kwargs)
+
+    opt = make(p, free)
+    for s in range(4):
+        _grads([p, free], s)
+        opt.step()
+    saved = _save_load(
+        {"opt": opt.state_dict(), "p": p.detach().clone(), "f": free.detach().clone()}
+    )
+    for s in range(4, 8):
+        _grads([p, free], s)
+        opt.step()
+    q, g = torch.nn.Parameter(saved["p"]), torch.nn.Parameter(saved["f"])
+    other = make(q, g)
+    other.load_state_dict(saved["opt"])
+    if cls is OrthogonalAdam:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for key in ("row_sq", "row_count", "max_row_sq"):
+            assert other.state[q][key].dtype == acc, key
+        assert other.state[q]["step"].dtype == opt.state[p]["step"].dtype
+    for s in range(4, 8):  # the first step after loading crashed for half precision (issue 14)
+        _grads([q, g], s)
+        other.step()
+    assert torch.equal(q.detach(), p.detach())
+    assert torch.equal(g.detach(), free.detach())
+
+
+def _torch_then_ours(torch_cls, our_cls, kwargs, *, constrained=False, our_kwargs=None):
+    """Run torch's optimizer 3 steps, load its state dict into ours, continue both 3 steps."""
+    shapes = [(4, 3), (6,)]
+    theirs = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    groups = [{"params": theirs}]
+    q = torch.nn.Parameter(_orth(5, dtype=torch.float32))
+    if constrained:
+        groups.append({"params": [q]})
+    ref = torch_cls(groups, **kwargs)
+    for s in range(3):
+        _grads([*theirs, q], s)
+        ref.step()
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    our_groups = [{"params": ours}]
+    q2 = torch.nn.Parameter(_orth(5, dtype=torch.float32))
+    if constrained:
+        our_groups.append({"params": [q2], "manifold": "orthogonal"})
+    opt = our_cls(our_groups, **kwargs, **(our_kwargs or {}))
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for s in range(3, 6):
+        _grads([*theirs, q], s)
+        _grads([*ours, q2], s)
+        ref.step()
+        opt.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    return opt, q2
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0.1, "momentum": 0.9}, {"lr": 0.05, "momentum": 0.5, "nesterov": True}]
+)
+def test_loads_a_torch_sgd_state_dict(kwargs):
+    opt, q2 = _torch_then_ours(torch.optim.SGD, OrthogonalSGD, kwargs, constrained=True)
+    assert opt.param_groups[1]["manifold"] == "orthogonal"  # kept: torch's group has no such key
+    assert opt.param_groups[0]["sampler"] == "round_robin"
+    assert orth_error(q2.detach().double()) < 1e-5
+    assert opt.param_groups[0]["lr"] == kwargs["lr"]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0.01}, {"lr": 0.02, "amsgrad": True, "weight_decay": 0.1}]
+)
+def test_loads_a_torch_adam_state_dict(kwargs):
+    _torch_then_ours(torch.optim.Adam, OrthogonalAdam, kwargs)
+
+
+def test_torch_adam_state_of_a_constrained_weight_is_refused_clearly():
+    with pytest.raises(
+        ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*exp_avg_sq.*per-row"
+    ):
+        _torch_then_ours(torch.optim.Adam, OrthogonalAdam, {"lr": 0.01}, constrained=True)
+
+
+def test_adam_state_loaded_into_sgd_is_refused_naming_the_key():
+    p = torch.nn.Parameter(torch.randn(3))
+    ref = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.randn(3)
+    ref.step()
+    opt = OrthogonalSGD([torch.nn.Parameter(torch.randn(3))], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.load_state_dict(ref.state_dict())
+    assert opt.param_groups[0]["momentum"] == 0.9 and len(opt.state) == 0  # left unchanged
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "drop"),
+    [
+        (
+            OrthogonalSGD,
+            {"lr": 0.1, "momentum": 0.9},
+            ("maximize", "foreach", "sampler", "nonfinite"),
+        ),
+        (OrthogonalSGD, {"lr": 0.1}, ("nesterov", "differentiable", "fused", "stabilize", "graph")),
+        (OrthogonalAdam, {"lr": 0.01}, ("maximize", "foreach", "amsgrad", "capturable")),
+        (
+            OrthogonalAdam,
+            {"lr": 0.01},
+            ("decoupled_weight_decay", "matchings_per_step", "unbiased"),
+        ),
+    ],
+)
+def test_can_load_older_state_dict(cls, kwargs, drop):
+    """torch's ``test_can_load_older_state_dict`` pattern: options missing in saved groups, numeric step."""
+    free = torch.nn.Parameter(torch.randn(4, 3))
+    p = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    opt = cls([{"params": [free]}, {"params": [p], "manifold": "orthogonal"}], **kwargs)
+    for s in range(3):
+        _grads([free, p], s)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        for key in drop:
+            group.pop(key)
+    if cls is OrthogonalAdam:
+        for st in sd["state"].values():
+            st["step"] = float(st["step"])  # torch < 1.12 saved a number
+    free2, p2 = torch.nn.Parameter(free.detach().clone()), torch.nn.Parameter(p.detach().clone())
+    other = cls([{"params": [free2]}, {"params": [p2], "manifold": "orthogonal"}], **kwargs)
+    other.load_state_dict(sd)
+    if cls is OrthogonalAdam:
+        assert torch.is_tensor(other.state[free2]["step"])
+    for s in range(3, 6):
+        _grads([free, p], s)
+        _grads([free2, p2], s)
+        opt.step()
+        other.step()
+    assert torch.equal(free2, free) and torch.equal(p2, p)
+
+
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+def test_torch_flags_are_accepted_and_impossible_values_refused(cls):
+    p = torch.nn.Parameter(torch.randn(3))
+    cls([p], differentiable=False, fused=False, foreach=False)
+    cls([p], fused=None, foreach=None)
+    with pytest.raises(ValueError, match="differentiable"):
+        cls([p], differentiable=True)
+    with pytest.raises(TypeError, match="fused"):
+        cls([p], fused="yes")
+    if cls is OrthogonalAdam:
+        cls([p], capturable=False, decoupled_weight_decay=True)
+        with pytest.raises(ValueError, match="capturable"):
+            cls([p], capturable=True)
+        with pytest.raises(TypeError, match="decoupled_weight_decay"):
+            cls([p], decoupled_weight_decay=1)
+
+
+@pytest.mark.parametrize(
+    ("cls", "ref_cls", "kwargs"),
+    [
+        (OrthogonalAdam, torch.optim.Adam, {"lr": 0.01, "fused": True}),
+        (OrthogonalSGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "fused": True}),
+        (OrthogonalAdam, torch.optim.Adam, {"lr": 0.01, "foreach": True}),
+    ],
+)
+def test_fused_and_foreach_are_forwarded_to_torch(cls, ref_cls, kwargs):
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    opt = cls([{"params": ours}, {"params": [q], "manifold": "so"}], **kwargs)
+    ref = ref_cls(theirs, **kwargs)
+    for s in range(4):
+        _grads(ours, s)
+        _grads(theirs, s)
+        q.grad = torch.randn(6, 6)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert orth_error(q.detach().double()) < 1e-5
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_tensor_lr_is_kept_a_tensor_and_matches_torch_adam(amsgrad):
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    lr = torch.tensor(0.0123)
+    opt = OrthogonalAdam(
+        [{"params": ours}, {"params": [q], "manifold": "so"}], lr=lr, amsgrad=amsgrad
+    )
+    ref = torch.optim.Adam(theirs, lr=lr.clone(), amsgrad=amsgrad)
+    assert all(torch.is_tensor(g["lr"]) for g in opt.param_groups)
+    for s in range(5):
+        _grads(ours, s)
+        _grads(theirs, s)
+        q.grad = torch.randn(6, 6)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)  # was 1 ulp off: the tensor was converted to a float
+    with pytest.raises(ValueError, match="one-element"):
+        OrthogonalAdam(ours, lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="lr"):
+        OrthogonalAdam(ours, lr=torch.tensor(-0.1))
+
+
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+def test_state_dict_hooks_see_the_whole_dict(cls):
+    p = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    opt = cls([{"params": [p], "manifold": "orthogonal"}], lr=0.01, sampler="random")
+    _run(opt, p, 2, seed=0)
+    seen = {}
+
+    def post(optimizer, sd):
+        seen["post"] = sorted(sd)
+
+    def load_pre(optimizer, sd):
+        seen["load_pre"] = sorted(sd)
+        sd = dict(sd)
+        sd["orthotorch"] = {**sd["orthotorch"], "steps": 41}  # a hook may rewrite our entry too
+        return sd
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert seen["post"] == ["orthotorch", "param_groups", "state"]
+    other = cls(
+        [{"params": [torch.nn.Parameter(p.detach().clone())], "manifold": "orthogonal"}],
+        lr=0.01,
+        sampler="random",
+    )
+    other.register_load_state_dict_pre_hook(load_pre)
+    other.load_state_dict(sd)
+    assert seen["load_pre"] == ["orthotorch", "param_groups", "state"]
+    assert other.steps == 41
+    assert torch.equal(other.generator.get_state(), opt.generator.get_state())
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 10: optimizers, silently wrong before
+
+
+def test_load_state_dict_rejects_state_of_another_shape():
+    p = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    free = torch.nn.Parameter(torch.randn(4))
+    opt = OrthogonalSGD(
+        [{"params": [p], "manifold": "orthogonal"}, {"params": [free]}], lr=0.1, momentum=0.9
+    )
+    _grads([p, free], 0)
+    opt.step()
+    sd = opt.state_dict()
+    q = torch.nn.Parameter(_orth(5, dtype=torch.float32))
+    other = OrthogonalSGD(
+        [
+            {"params": [q], "manifold": "orthogonal"},
+            {"params": [torch.nn.Parameter(torch.randn(4))]},
+        ],
+        lr=0.3,
+        momentum=0.9,
+    )
+    with pytest.raises(ValueError, match=r"momentum_buffer.*\(6, 6\).*\(5, 5\)"):
+        other.load_state_dict(sd)
+    assert other.param_groups[0]["lr"] == 0.3 and len(other.state) == 0  # unchanged
+    adam = OrthogonalAdam([{"params": [p], "manifold": "orthogonal"}], lr=0.1)
+    _grads([p], 1)
+    adam.step()
+    other = OrthogonalAdam([{"params": [q], "manifold": "orthogonal"}], lr=0.1)
+    with pytest.raises(ValueError, match="exp_avg"):
+        other.load_state_dict(adam.state_dict())
+
+
+def test_load_state_dict_refuses_to_unconstrain_a_group():
+    p = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    opt = OrthogonalSGD([p], lr=0.1)  # saved with manifold=None
+    sd = opt.state_dict()
+    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    other = OrthogonalSGD([{"params": [q], "manifold": "orthogonal"}], lr=0.1)
+    with pytest.raises(ValueError, match="manifold=None"):
+        other.load_state_dict(sd)
+    assert other.param_groups[0]["manifold"] == "orthogonal"
+    q.grad = torch.randn(6, 6)
+    other.step()
+    assert orth_error(q.detach().double()) < 1e-5  # still constrained
+
+
+def test_loaded_state_cannot_skip_the_on_manifold_check():
+    p = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    opt = OrthogonalSGD([{"params": [p], "manifold": "orthogonal"}], lr=0.1)
+    _run(opt, p, 1, seed=0)
+    sd = opt.state_dict()
+    sd["orthotorch"]["checked"] = [True]  # the probe flag older versions saved and trusted
+    q = torch.nn.Parameter(torch.randn(6, 6))  # off the manifold
+    other = OrthogonalSGD([{"params": [q], "manifold": "orthogonal"}], lr=0.1)
+    other.load_state_dict(sd)
+    q.grad = torch.randn(6, 6)
+    with pytest.raises(ValueError, match="not on the Stiefel manifold"):
+        other.step()
+
+
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+def test_the_same_parameter_twice_in_a_group_is_refused(cls):
+    p = torch.nn.Parameter(_orth(4, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\] is the same tensor"):
+        cls([{"params": [p, p], "manifold": "orthogonal"}], lr=0.1)
+    opt = cls([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="same tensor"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+def test_so_manifold_parameter_with_negative_determinant_is_refused(cls):
+    x = _orth(5, dtype=torch.float32)
+    x[0] = -x[0]
+    p = geoopt.ManifoldParameter(x, manifold=SpecialOrthogonalGroup(5))
+    opt = cls([p], lr=0.1)
+    p.grad = torch.randn(5, 5)
+    with pytest.raises(ValueError, match=r"SO\(d\).*det"):
+        opt.step()
+    marked = torch.nn.Parameter(x.clone())
+    marked._orthotorch_manifold = "so"
+    opt = cls([marked], lr=0.1)
+    marked.grad = torch.randn(5, 5)
+    with pytest.raises(ValueError, match="det"):
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+def test_parameter_appended_to_a_group_by_hand_works(cls):
+    free = torch.nn.Parameter(torch.randn(3))
+    opt = cls([{"params": [free]}], lr=0.05)
+    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    q._orthotorch_manifold = "orthogonal"
+    extra = torch.nn.Parameter(torch.randn(2))
+    opt.param_groups[0]["params"].extend([q, extra])
+    before = q.detach().clone()
+    for s in range(3):
+        _grads([free, q, extra], s)
+        opt.step()
+    assert not torch.equal(q.detach(), before)
+    assert orth_error(q.detach().double()) < 1e-5
+    assert len(opt.state_dict()["param_groups"][0]["params"]) == 3
+
+
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copied_optimizer_steps_like_the_original(cls, how):
+    p = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    opt = cls([{"params": [p], "manifold": "orthogonal"}], lr=0.05, sampler="random")
+    _run(opt, p, 2, seed=0)
+    if how == "deepcopy":
+        other = copy.deepcopy(opt)
+    elif how == "pickle":
+        other = pickle.loads(pickle.dumps(opt))
+    else:
+        other = _save_load(opt)
+    q = other.param_groups[0]["params"][0]
+    assert q is not p and torch.equal(q, p)
+    _run(opt, p, 3, seed=1)
+    _run(other, q, 3, seed=1)
+    assert torch.equal(q.detach(), p.detach())
+    assert other.steps == opt.steps == 5
+
+
+def test_sparse_gradient_with_nan_is_skipped_like_a_dense_one():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    ref_emb = copy.deepcopy(emb)
+    q = torch.nn.Parameter(_orth(4, dtype=torch.float32))
+    opt = OrthogonalSGD(
+        [{"params": emb.parameters()}, {"params": [q], "manifold": "orthogonal"}], lr=0.1
+    )
+    ref = torch.optim.SGD(ref_emb.parameters(), lr=0.1)
+    idx = torch.tensor([1, 4, 4, 7])
+    for module in (emb, ref_emb):
+        module(idx).sum().backward()
+    q.grad = torch.randn(4, 4)
+    opt.step()
+    ref.step()
+    assert torch.equal(emb.weight, ref_emb.weight)  # sparse step is torch's
+    before = emb.weight.detach().clone()
+    opt.zero_grad()
+    (emb(idx) * float("nan")).sum().backward()
+    q.grad = torch.randn(4, 4)
+    with pytest.warns(UserWarning, match="non-finite gradient"):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)
+
+
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+@pytest.mark.parametrize(
+    ("shape", "manifold"),
+    [((5, 0), "stiefel"), ((0, 5), "stiefel"), ((0, 4, 4), "so"), ((0, 0), "orthogonal")],
+)
+def test_constrained_weight_with_a_zero_dimension_is_a_no_op(cls, shape, manifold):
+    p = torch.nn.Parameter(torch.zeros(shape))
+    free = torch.nn.Parameter(torch.randn(3))
+    opt = cls([{"params": [p], "manifold": manifold}, {"params": [free]}], lr=0.1)
+    p.grad = torch.zeros(shape)
+    free.grad = torch.ones(3)
+    opt.step()
+    opt.stabilize()
+    assert p.shape == shape and not torch.equal(free.detach(), torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------------------------------
+# missing pieces: AdamW, stabilize(), param_groups(model), the marking attribute
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_matches_torch_adamw_and_does_not_decay_constrained_weights(amsgrad):
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    q, q0 = (torch.nn.Parameter(_orth(6, dtype=torch.float32)) for _ in range(2))
+    q0.data.copy_(q.data)
+    opt = OrthogonalAdamW(
+        [{"params": ours}, {"params": [q], "manifold": "so"}],
+        lr=0.01,
+        weight_decay=0.5,
+        amsgrad=amsgrad,
+    )
+    ref = torch.optim.AdamW(theirs, lr=0.01, weight_decay=0.5, amsgrad=amsgrad)
+    no_decay = OrthogonalAdam([{"params": [q0], "manifold": "so"}], lr=0.01, amsgrad=amsgrad)
+    flag = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    flagged = OrthogonalAdam(
+        flag, lr=0.01, weight_decay=0.5, amsgrad=amsgrad, decoupled_weight_decay=True
+    )
+    for s in range(5):
+        for group in (ours, theirs, flag):
+            _grads(group, s)
+        g = torch.randn(6, 6)
+        q.grad, q0.grad = g.clone(), g.clone()
+        for o in (opt, ref, no_decay, flagged):
+            o.step()
+    for a, b, c in zip(ours, theirs, flag):
+        assert torch.equal(a, b) and torch.equal(c, b)
+    assert torch.equal(q, q0)  # the decay has no component along the manifold
+    assert orth_error(q.detach().double()) < 1e-5
+    with pytest.raises(ValueError, match="decoupled"):
+        OrthogonalAdamW(ours, decoupled_weight_decay=False)
+
+
+def test_riemannian_decoupled_decay_is_the_riemannian_gradient_of_the_penalty():
+    x0 = geoopt.Sphere().random(6, dtype=torch.float64)
+    p = geoopt.ManifoldParameter(x0.clone(), manifold=geoopt.Sphere())
+    opt = OrthogonalAdamW([p], lr=0.1, weight_decay=0.3)
+    p.grad = torch.zeros(6, dtype=torch.float64)
+    opt.step()
+    # zero gradient: the only move is the decay's Riemannian gradient, which vanishes on the sphere
+    assert torch.allclose(p.detach(), x0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [OrthogonalSGD, OrthogonalAdam])
+def test_stabilize_projects_every_constrained_weight_and_keeps_the_determinant(cls):
+    sq = torch.nn.Parameter(_orth(6, dtype=torch.float64))
+    neg = _orth(6, dtype=torch.float64)
+    neg[0] = -neg[0]
+    refl = torch.nn.Parameter(neg)
+    wide = torch.nn.Parameter(_orth(7, 3, dtype=torch.float64).mT.contiguous())
+    sphere = geoopt.ManifoldParameter(
+        torch.tensor([3.0, 4.0], dtype=torch.float64), manifold=geoopt.Sphere()
+    )
+    free = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = cls(
+        [
+            {"params": [sq], "manifold": "so"},
+            {"params": [refl], "manifold": "orthogonal"},
+            {"params": [wide], "manifold": "stiefel"},
+            {"params": [sphere, free]},
+        ],
+        lr=0.1,
+    )
+    for p in (sq, refl, wide):
+        p.data.add_(1e-3 * torch.randn(p.shape, dtype=torch.float64))
+    free_before = free.detach().clone()
+    expected = qr_sign_fixed(sq.detach().clone())
+    opt.stabilize()
+    assert torch.allclose(sq.detach(), expected, atol=1e-14)
+    for p in (sq, refl):
+        assert orth_error(p.detach()) < 1e-12
+    assert orth_error(wide.detach().mT) < 1e-12
+    assert torch.linalg.det(sq.detach()) > 0 and torch.linalg.det(refl.detach()) < 0
+    assert torch.allclose(sphere.detach(), torch.tensor([0.6, 0.8], dtype=torch.float64))
+    assert torch.equal(free.detach(), free_before)
+
+
+class _Marked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rot = geoopt.ManifoldParameter(
+            SpecialOrthogonalGroup(4).random(generator=torch.Generator().manual_seed(0))
+        )
+        self.orth = geoopt.ManifoldParameter(
+            _orth(5, dtype=torch.float32), manifold=OrthogonalGroup(5)
+        )
+        self.tall = geoopt.ManifoldParameter(
+            _orth(6, 2, dtype=torch.float32), manifold=geoopt.EuclideanStiefel()
+        )
+        self.mark = torch.nn.Parameter(_orth(3, dtype=torch.float32))
+        self.mark._orthotorch_manifold = "so"
+        self.lin = torch.nn.Linear(3, 2)
+        self.sphere = geoopt.ManifoldParameter(torch.tensor([1.0, 0.0]), manifold=geoopt.Sphere())
+
+
+def test_param_groups_splits_the_marked_weights():
+    model = _Marked()
+    groups = param_groups(model, constrained={"lr": 0.03}, unconstrained={"weight_decay": 0.1})
+    assert [len(g["params"]) for g in groups] == [4, 3]
+    assert {id(p) for p in groups[0]["params"]} == {
+        id(model.rot),
+        id(model.orth),
+        id(model.tall),
+        id(model.mark),
+    }
+    assert groups[0]["lr"] == 0.03 and groups[1]["weight_decay"] == 0.1
+    assert "manifold" not in groups[0]
+    assert [constraint_of(p) for p in groups[0]["params"]] == ["so", "orthogonal", "stiefel", "so"]
+    opt = OrthogonalAdam(groups, lr=0.01)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    for p in groups[0]["params"]:
+        assert orth_error(p.detach().double()) < 1e-5
+    assert torch.linalg.det(model.mark.detach().double()) > 0
+    assert param_groups([model.lin.weight]) == [{"params": [model.lin.weight]}]
+    with pytest.raises(TypeError, match="params"):
+        param_groups(model, constrained={"params": []})
+    with pytest.raises(TypeError, match="single tensor"):
+        param_groups(model.lin.weight)
+
+
+def test_marking_attribute_is_honoured_and_checked():
+    p = torch.nn.Parameter(_orth(5, 3, dtype=torch.float32))
+    p._orthotorch_manifold = "stiefel"
+    opt = OrthogonalSGD([p], lr=0.1)
+    p.grad = torch.randn(5, 3)
+    opt.step()
+    assert orth_error(p.detach().double()) < 1e-5
+    bad = torch.nn.Parameter(torch.zeros(3, 3))
+    bad._orthotorch_manifold = "sphere"
+    with pytest.raises(ValueError, match="_orthotorch_manifold"):
+        OrthogonalSGD([bad], lr=0.1)
+    rect = torch.nn.Parameter(torch.zeros(4, 3))
+    rect._orthotorch_manifold = "so"
+    with pytest.raises(ValueError, match="must be square"):
+        OrthogonalSGD([rect], lr=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 9: one home for the sampler names, greedy and the scalar checks
+
+
+def test_coloring_spelling_is_accepted_by_the_optimizer_and_make_sampler():
+    graph = nx.path_graph(6)
+    assert isinstance(make_sampler("coloring", 6, graph=graph), ColouringSampler)
+    p = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    opt = OrthogonalSGD(
+        [{"params": [p], "manifold": "orthogonal"}], sampler="coloring", graph=graph
+    )
+    assert opt.param_groups[0]["sampler"] == "colouring"
+    with pytest.raises(ValueError, match="sampler"):
+        make_sampler("colorings", 6, graph=graph)
+
+
+def test_greedy_step_uses_the_greedy_sampler():
+    p = torch.nn.Parameter(_orth(8))
+    opt = OrthogonalSGD(
+        [{"params": [p], "manifold": "orthogonal"}], lr=0.1, sampler="greedy", matchings_per_step=3
+    )
+    info = opt._info[p]
+    assert isinstance(info.sampler, GreedySampler)
+    g = torch.randn(8, 8, dtype=torch.float64)
+    w = (_dense_generator(p.detach(), g)).abs()
+    expected = info.sampler.sample_many(w, 3)
+    got = opt._matchings(info, opt.param_groups[0], p.detach(), g)
+    assert len(got) == len(expected) == 3
+    for (i, j, scale), mt in zip(got, expected):
+        assert torch.equal(i, mt.i) and torch.equal(j, mt.j) and scale is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"lr": "0.1"}, TypeError),
+        ({"lr": float("nan")}, ValueError),
+        ({"momentum": "0.9"}, TypeError),
+        ({"momentum": -0.5}, ValueError),
+        ({"weight_decay": None}, TypeError),
+        ({"nesterov": 1}, TypeError),
+        ({"maximize": "no"}, TypeError),
+        ({"unbiased": 0}, TypeError),
+        ({"matchings_per_step": 2.0}, TypeError),
+        ({"stabilize": 0}, ValueError),
+        ({"sampler": 3}, TypeError),
+    ],
+)
+def test_scalar_options_wrong_type_is_typeerror_wrong_value_valueerror(kwargs, exc):
+    with pytest.raises(exc):
+        OrthogonalSGD([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"betas": ("0.9", 0.99)}, TypeError),
+        ({"betas": (0.9, -0.1)}, ValueError),
+        ({"eps": 0.0}, ValueError),
+        ({"amsgrad": "yes"}, TypeError),
+        ({"lr": [0.1]}, TypeError),
+    ],
+)
+def test_adam_scalar_options(kwargs, exc):
+    with pytest.raises(exc):
+        OrthogonalAdam([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 12 §3: a transported first moment with the fixed round-robin order
+
+
+def _pca_gaps(cls, steps, **kwargs):
+    n, k = 256, 8
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4 * n, n, generator=gen, dtype=torch.float64)
+    z = z * torch.linspace(2, 0.1, n, dtype=torch.float64)
+    a = z.T @ z / (4 * n)
+    best = -torch.linalg.eigvalsh(a)[-k:].sum()
+    x = torch.nn.Parameter(
+        torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
+    )
+    opt = cls([{"params": [x], "manifold": "stiefel"}], **kwargs)
+    gaps = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = -(x * (a @ x)).sum()
+        loss.backward()
+        gaps.append(float((loss.detach() - best) / best.abs()))
+        opt.step()
+    assert orth_error(x.detach()) < 1e-10
+    return gaps
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "steps", "target"),
+    [
+        # before the fix, plain round robin: smoothed gap 3.4e-2, 2.2e-2, 2.4e-2, 2.3e-2, 3.2e-2, ...
+        (OrthogonalSGD, {"lr": 0.05, "momentum": 0.9}, 300, 5e-3),
+        # before: 2.1e-3 at step 300, then 5.1e-3, 6.0e-3, ... (climbing back)
+        pytest.param(OrthogonalAdam, {"lr": 1e-2}, 600, 3e-3, marks=pytest.mark.slow),
+    ],
+)
+def test_round_robin_with_a_moment_decreases_to_the_pca_optimum(cls, kwargs, steps, target):
+    """Before the fix the default round-robin order drove the transported moment periodically and the
+    loss climbed back after step ~300 (the tall-PCA limit cycle of issue 12)."""
+    gaps = _pca_gaps(cls, steps, sampler="round_robin", **kwargs)
+    smoothed = [min(gaps[i : i + 60]) for i in range(0, len(gaps), 60)]
+    for prev, cur in itertools.pairwise(smoothed):
+        assert cur <= 2.0 * prev, smoothed
+    assert smoothed[-1] < target, smoothed
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "relabels"),
+    [
+        (OrthogonalSGD, {"lr": 0.1}, False),
+        (OrthogonalSGD, {"lr": 0.1, "momentum": 0.9}, True),
+        (OrthogonalAdam, {"lr": 0.01}, True),
+    ],
+)
+def test_round_robin_relabels_rows_each_cycle_only_with_a_moment(cls, kwargs, relabels):
+    """The fix of the limit cycle above, checked fast: with a transported moment the round-robin order
+    is relabelled every cycle (still every pair exactly once per cycle); without one it stays fixed."""
+    n = 6
+    p = torch.nn.Parameter(_orth(n))
+    opt = cls([{"params": [p], "manifold": "orthogonal"}], sampler="round_robin", **kwargs)
+    info = opt._info[p]
+    cycles = []
+    for _ in range(3):
+        pairs = []
+        for _ in range(n - 1):
+            i, j, _ = opt._matchings(
+                info, {**opt.param_groups[0], "matchings_per_step": 1}, p, None
+            )[0]
+            pairs.append(sorted(tuple(sorted(e)) for e in zip(i.tolist(), j.tolist())))
+        cycles.append(pairs)
+        flat = sorted(e for m in pairs for e in m)
+        assert flat == sorted((a, b) for a in range(n) for b in range(a + 1, n))
+    fixed = [
+        sorted(tuple(sorted(e)) for e in zip(*(t.tolist() for t in round_robin_matching(n, r)[:2])))
+        for r in range(n - 1)
+    ]
+    if relabels:
+        assert cycles[0] != cycles[1] or cycles[1] != cycles[2]
+    else:
+        assert cycles == [fixed] * 3

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize as tp
 
-from orthotorch.parametrize import CWYOrthogonal, orthogonal, renormalize_
+import orthotorch.parametrize as op
+from orthotorch.manifolds.givens import rotate_pairs
+from orthotorch.parametrize import (
+    CWYOrthogonal,
+    GivensOrthogonal,
+    WeightLayout,
+    orthogonal,
+    renormalize_,
+)
 
 METHODS = ["tcwy", "cwy", "matrix_exp", "cayley", "givens"]
 
@@ -29,7 +41,7 @@ def tall(w: torch.Tensor, flatten: bool = False) -> torch.Tensor:
 
 def orth_err(x: torch.Tensor) -> float:
     eye = torch.eye(x.shape[-1], dtype=x.dtype)
-    return float((x.mT @ x - eye).abs().max())
+    return float((x.detach().mT @ x.detach() - eye).abs().max())
 
 
 def make(kind: str) -> tuple[nn.Module, bool]:
@@ -226,8 +238,6 @@ def test_errors():
 
 @pytest.mark.parametrize("shape", [(6, 6), (7, 3), (2, 5, 4)])
 def test_givens_low_memory_backward_matches_autograd_through_rotate_pairs(shape):
-    from orthotorch.manifolds.givens import rotate_pairs
-    from orthotorch.parametrize import GivensOrthogonal, WeightLayout
 
     p = GivensOrthogonal(WeightLayout(shape, flatten=False), dtype=torch.float64)
     p.base.copy_(torch.linalg.qr(torch.randn(*p.base.shape, dtype=torch.float64))[0])
@@ -244,3 +254,192 @@ def test_givens_low_memory_backward_matches_autograd_through_rotate_pairs(shape)
     (got,) = torch.autograd.grad((out * G).sum(), th)
     assert (out - x).abs().max() <= 1e-12
     assert (got - ref).abs().max() <= 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 10 "Parametrizations": double backward, half precision, failed calls, copies
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(4, 4), (2, 5)])
+def test_gradgradcheck_every_method(method, shape):
+    """Second derivatives of weight(params) in float64, for every method, square and wide."""
+    lin = orthogonal(nn.Linear(shape[1], shape[0]).double(), "weight", method=method)
+    param = lin.parametrizations.weight[0]
+    p0 = lin.parametrizations.weight.original.detach()
+    g = torch.Generator().manual_seed(1)
+    p = (p0 + 0.3 * torch.randn(p0.shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(param, (p,))
+    assert torch.autograd.gradgradcheck(param, (p,), fast_mode=True)
+
+
+def _penalty_model(method: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    lin = orthogonal(nn.Linear(5, 5).double(), "weight", method=method)
+    with torch.no_grad():  # move away from the registration point (zero angles / unit vectors)
+        orig = lin.parametrizations.weight.original
+        orig.add_(
+            0.2 * torch.randn(orig.shape, generator=torch.Generator().manual_seed(2)).double()
+        )
+    x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return lin, x
+
+
+def _penalty(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A WGAN-GP-style penalty on the parameter gradients: ‖∂L/∂θ‖² (θ = original and bias)."""
+    orig = lin.parametrizations.weight.original
+    loss = torch.tanh(lin(x)).pow(2).sum()
+    grads = torch.autograd.grad(loss, [orig, lin.bias], create_graph=True)
+    return sum((g**2).sum() for g in grads)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_penalty_derivative_matches_finite_differences(method):
+    """tcwy gave d/d bias[0] = −93 with create_graph=True against −17537 by finite differences."""
+    lin, x = _penalty_model(method)
+    orig = lin.parametrizations.weight.original
+    g_bias, g_orig = torch.autograd.grad(_penalty(lin, x), [lin.bias, orig])
+    eps = 1e-6
+    for tensor, grad, idx in ((lin.bias, g_bias, (0,)), (orig, g_orig, (1,) * orig.dim())):
+        with torch.no_grad():
+            tensor[idx] += eps
+        up = float(_penalty(lin, x).detach())
+        with torch.no_grad():
+            tensor[idx] -= 2 * eps
+        down = float(_penalty(lin, x).detach())
+        with torch.no_grad():
+            tensor[idx] += eps
+        fd = (up - down) / (2 * eps)
+        assert abs(float(grad[idx]) - fd) <= 1e-5 * max(1.0, abs(fd)), (
+            method,
+            idx,
+            float(grad[idx]),
+            fd,
+        )
+
+
+@pytest.mark.parametrize("method", ["tcwy", "cwy", "givens"])
+def test_gradient_penalty_derivative_matches_torch_func(method):
+    """The same second derivative by torch.func (plain ops inside transforms) and by autograd."""
+    lin, x = _penalty_model(method)
+    (g_bias,) = torch.autograd.grad(_penalty(lin, x), [lin.bias])
+    orig = lin.parametrizations.weight.original.detach()
+    param = lin.parametrizations.weight[0]
+
+    def penalty_of(bias: torch.Tensor) -> torch.Tensor:
+        def loss_of(o: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x @ param(o).mT + b).pow(2).sum()
+
+        go, gb = torch.func.grad(loss_of, argnums=(0, 1))(orig, bias)
+        return (go**2).sum() + (gb**2).sum()
+
+    ref = torch.func.grad(penalty_of)(lin.bias.detach())
+    torch.testing.assert_close(g_bias, ref, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_every_method_gives_finite_accurate_gradients(method, dtype):
+    """matrix_exp: 120 of 256 gradient entries were non-finite; cayley raised lu_cpu mid-registration."""
+    torch.manual_seed(0)
+    ref = nn.Linear(16, 16)
+    lin = orthogonal(nn.Linear(16, 16).to(dtype), "weight", method=method)
+    ref = orthogonal(ref, "weight", method=method)
+    ref.load_state_dict({k: v.float() for k, v in lin.state_dict().items()})
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(4))
+    assert lin.weight.dtype == dtype
+    assert orth_err(lin.weight.float()) < 3e-2
+    lin(x.to(dtype)).float().pow(2).sum().backward()
+    ref(x).pow(2).sum().backward()
+    g = lin.parametrizations.weight.original.grad
+    g_ref = ref.parametrizations.weight.original.grad
+    assert g is not None and g.dtype == dtype and bool(torch.isfinite(g).all())
+    assert float((g.float() - g_ref).norm() / g_ref.norm()) < 0.1
+
+
+class _Broken(Exception):
+    pass
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("where", ["forward", "right_inverse_in_register", "forward_in_register"])
+def test_failed_orthogonal_call_leaves_the_module_unchanged(method, where, monkeypatch):
+    cls = {"tcwy": op.CWYOrthogonal, "cwy": op.CWYOrthogonal, "givens": op.GivensOrthogonal}.get(
+        method, op.SkewOrthogonal
+    )
+    lin = nn.Linear(6, 4)
+    weight, before, kind = lin.weight, _snapshot(lin), type(lin)
+    if (
+        where == "forward"
+    ):  # e.g. a backend without a kernel for this dtype (cayley: lu_cpu on half)
+        monkeypatch.setattr(
+            cls, "forward", lambda self, t: (_ for _ in ()).throw(_Broken("no kernel"))
+        )
+    else:  # the dry run passes, torch's register_parametrization then fails (forward: after set_())
+        attr = "right_inverse" if where == "right_inverse_in_register" else "forward"
+        real = getattr(cls, attr)
+        calls = []
+
+        def flaky(self, w):
+            calls.append(1)
+            if len(calls) > 1:
+                raise _Broken("second call")
+            return real(self, w)
+
+        monkeypatch.setattr(cls, attr, flaky)
+    with pytest.raises(_Broken):
+        orthogonal(lin, "weight", method=method)
+    assert (
+        type(lin) is kind and not tp.is_parametrized(lin) and not hasattr(lin, "parametrizations")
+    )
+    assert lin.weight is weight and isinstance(lin.weight, nn.Parameter)
+    after = _snapshot(lin)
+    assert after.keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], atol=0, rtol=0)
+    monkeypatch.undo()
+    orthogonal(lin, "weight", method=method)  # and the module can still be parametrized afterwards
+    assert orth_err(tall(lin.weight.detach())) < 1e-5
+
+
+def test_failed_orthogonal_call_on_non_finite_weight_leaves_the_module_unchanged():
+    lin = nn.Linear(5, 5)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    before = _snapshot(lin)
+    with pytest.raises(ValueError, match="finite"):
+        orthogonal(lin, "weight")
+    assert not tp.is_parametrized(lin)
+    assert torch.isnan(lin.weight[0, 0]) and torch.equal(lin.bias, before["bias"])
+    torch.testing.assert_close(lin.weight, before["weight"], equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deepcopy_gives_an_independent_parametrized_copy(method):
+    lin = orthogonal(nn.Linear(6, 4).double(), "weight", method=method)
+    twin = copy.deepcopy(lin)
+    assert tp.is_parametrized(twin, "weight")
+    torch.testing.assert_close(twin.weight, lin.weight, atol=0, rtol=0)
+    for (k, a), (_, b) in zip(lin.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert a.data_ptr() != b.data_ptr(), k
+    # training the copy leaves the original alone and keeps the copy on the manifold
+    w0 = lin.weight.detach().clone()
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    twin(torch.randn(3, 6, dtype=torch.float64)).pow(2).sum().backward()
+    opt.step()
+    torch.testing.assert_close(lin.weight, w0, atol=0, rtol=0)
+    assert float((twin.weight - w0).abs().max()) > 1e-6
+    assert orth_err(twin.weight.detach().mT) < 1e-12
+    # pickling is torch's documented limitation: the state_dict route restores the weight exactly
+    with pytest.raises(RuntimeError, match="state_dict"):
+        pickle.dumps(lin)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        torch.save(lin, io.BytesIO())
+    fresh = orthogonal(nn.Linear(6, 4).double(), "weight", method=method)
+    fresh.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(fresh.weight, twin.weight, atol=1e-12, rtol=0)

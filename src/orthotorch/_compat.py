@@ -39,5 +39,12 @@ def is_conv(module: nn.Module) -> bool:
     """Whether ``module`` is a convolution (``nn.Conv1d/2d/3d`` and the transposed ones; ``_ConvNd``)."""
     conv_base = getattr(nn.modules.conv, "_ConvNd", None)
     if conv_base is None:  # pragma: no cover - depends on the torch version
-        conv_base = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        conv_base = (
+            nn.Conv1d,
+            nn.Conv2d,
+            nn.Conv3d,
+            nn.ConvTranspose1d,
+            nn.ConvTranspose2d,
+            nn.ConvTranspose3d,
+        )
     return isinstance(module, conv_base)

@@ -3,7 +3,7 @@
 :func:`orthogonal` replaces ``module.<name>`` by a function of unconstrained parameters that is always
 orthogonal (square weights, O(d) or SO(d)) or has orthonormal columns (tall weights, St(n, k)).
 
-Weight layouts (DESIGN.md: Stiefel points are tall):
+Weight layouts (docs/design.md, "Conventions": Stiefel points are tall):
 
 - square ``(d, d)``: an element of O(d) (``group="O"``) or SO(d) (``group="SO"``);
 - tall ``(n, k)``, ``n > k``: orthonormal columns;
@@ -36,6 +36,11 @@ stored parameters and buffers) maps ``X`` to parameters whose image is exactly `
 orthogonal / has orthonormal columns; any other ``X`` is first replaced by the ``Q`` factor of its QR
 decomposition with a positive ``R`` diagonal (as torch's own ``orthogonal`` does). Everything cooperates
 with ``torch.nn.utils.parametrize.cached()``.
+
+Every method is differentiable to any order: the analytic first-order backwards (CWY, Givens) switch to
+autograd through plain ops when a graph of the gradient is requested (``create_graph=True``: gradient
+penalties, Hessian-vector products, MAML) and inside ``torch.func`` transforms. float16/bfloat16 weights
+are computed in float32 by every method and cast back.
 """
 
 from __future__ import annotations
@@ -47,9 +52,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as _tp
 
+from orthotorch._compat import functorch_transforms_active, is_conv
+from orthotorch._numerics import compute_dtype, det_sign, qr_sign_fixed
 from orthotorch._validation import describe
+from orthotorch.graph_sampling import round_robin
 from orthotorch.manifolds.cwy import cwy, householder_vectors, tcwy
-from orthotorch.manifolds.stiefel import det_sign
+from orthotorch.manifolds.givens import pair_coefficients, rotate_pairs_, rotate_pairs_autograd
 
 __all__ = [
     "CWYOrthogonal",
@@ -107,14 +115,6 @@ class WeightLayout:
         return x.reshape(self.shape) if self.flatten else x
 
 
-def _project(x: torch.Tensor) -> torch.Tensor:
-    """Q factor (positive R diagonal) of a tall batch ``(..., n, k)``; orthonormal input is unchanged
-    up to rounding. ``O(nk²)``."""
-    q, r = torch.linalg.qr(x.to(_compute_dtype(x.dtype)))
-    s = torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
-    return (q * s.unsqueeze(-2)).to(x.dtype)
-
-
 def _check_target(name: str, x: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
@@ -125,10 +125,6 @@ def _check_target(name: str, x: torch.Tensor, layout: WeightLayout) -> torch.Ten
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"`{name}` must be finite, got non-finite entries in {describe(x)}")
     return layout.to_tall(x)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class CWYOrthogonal(nn.Module):
@@ -145,6 +141,8 @@ class CWYOrthogonal(nn.Module):
         check: validate that no Householder vector is zero / non-finite at every forward (one host
             sync per forward).
     """
+
+    signs: torch.Tensor
 
     def __init__(
         self,
@@ -210,6 +208,8 @@ class SkewOrthogonal(nn.Module):
     per forward even for tall weights.
     """
 
+    base: torch.Tensor
+
     def __init__(
         self,
         layout: WeightLayout,
@@ -228,20 +228,24 @@ class SkewOrthogonal(nn.Module):
         self.register_buffer("base", base)
 
     def forward(self, params: torch.Tensor) -> torch.Tensor:
-        """``params`` ``(*batch, n, k)`` → the weight (layout shape)."""
+        """``params`` ``(*batch, n, k)`` → the weight (layout shape).
+
+        float16/bfloat16 parameters are computed in float32 and the weight is cast back (torch's half
+        ``matrix_exp`` backward gives non-finite gradients and CPU ``solve`` has no half kernel).
+        """
         n, k = self.layout.n, self.layout.k
-        a = _skew_from(params, n)
+        a = _skew_from(params.to(compute_dtype(params.dtype)), n)
         if self.method == "matrix_exp":
             rot = torch.linalg.matrix_exp(a)[..., :k]
         else:
             eye = torch.eye(n, dtype=a.dtype, device=a.device)
             rot = torch.linalg.solve(eye - 0.5 * a, (eye + 0.5 * a)[..., :k])
-        return self.layout.from_tall(self.base.to(rot.dtype) @ rot)
+        return self.layout.from_tall((self.base.to(rot.dtype) @ rot).to(params.dtype))
 
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Sets ``base`` to an orthogonal completion of the (QR-projected) weight, returns zeros."""
-        x = _project(_check_target("weight", weight, self.layout))
+        x = qr_sign_fixed(_check_target("weight", weight, self.layout))
         n, k = self.layout.n, self.layout.k
         if self.layout.square:
             if self.group == "SO" and bool((det_sign(x) < 0).any()):
@@ -251,10 +255,31 @@ class SkewOrthogonal(nn.Module):
                 )
             base = x
         else:
-            full = torch.linalg.qr(x.to(_compute_dtype(x.dtype)), mode="complete")[0]
+            full = torch.linalg.qr(x.to(compute_dtype(x.dtype)), mode="complete")[0]
             base = torch.cat([x, full[..., k:].to(x.dtype)], dim=-1)
         self.base.copy_(base.to(self.base.dtype))
         return x.new_zeros(*self.layout.batch, n, k)
+
+
+def _givens_rounds_autograd(
+    theta: torch.Tensor,
+    base: torch.Tensor,
+    sizes: tuple[int, ...],
+    pi: torch.Tensor,
+    pj: torch.Tensor,
+) -> torch.Tensor:
+    """``R_last(θ_last) … R_1(θ_1) @ base`` in plain differentiable ops (any order, ``torch.func``).
+
+    ``theta`` ``(*batch, P)``, ``base`` ``(*batch, n, k)``; O(n²k) time, one copy of the point per round
+    saved for backward (use :class:`_GivensRounds` for first-order training).
+    """
+    x = base.to(theta.dtype)
+    start = 0
+    for size in sizes:
+        sl = slice(start, start + size)
+        x = rotate_pairs_autograd(x, pi[sl], pj[sl], theta[..., sl])
+        start += size
+    return x
 
 
 class _GivensRounds(torch.autograd.Function):
@@ -262,29 +287,33 @@ class _GivensRounds(torch.autograd.Function):
 
     Nothing per round is saved: the backward walks the rounds in reverse, undoing each rotation on the
     output (``x ← R(−θ) x``) and on the gradient (``g ← R(θ)ᵀ g``); for pair ``(i, j)`` of a round,
-    ``∂ℓ/∂θ = ⟨g_i, x_j⟩ − ⟨x_i, g_j⟩`` evaluated after the rotation (``pair_coefficients``).
+    ``∂ℓ/∂θ = ⟨g_i, x_j⟩ − ⟨x_i, g_j⟩`` evaluated after the rotation (``pair_coefficients``). With
+    ``create_graph=True`` the backward differentiates :func:`_givens_rounds_autograd` instead, so
+    double backward is exact (at the memory cost of plain autograd).
     """
 
     @staticmethod
-    def forward(ctx, theta, base, sizes, pi, pj):  # type: ignore[override]
-        from orthotorch.manifolds.givens import rotate_pairs_
-
+    def forward(ctx, theta, base, sizes, pi, pj):
         x = base.to(theta.dtype).clone(memory_format=torch.contiguous_format)
         start = 0
         for size in sizes:
             stop = start + size
             rotate_pairs_(x, pi[start:stop], pj[start:stop], theta[..., start:stop])
             start = stop
-        ctx.save_for_backward(theta, x, pi, pj)
+        ctx.save_for_backward(theta, x, pi, pj, base)
         ctx.sizes = sizes
         return x
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gx):  # type: ignore[override]
-        from orthotorch.manifolds.givens import pair_coefficients, rotate_pairs_
-
-        theta, x, pi, pj = ctx.saved_tensors
+    def backward(ctx, gx):
+        theta, x, pi, pj, base = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the same rounds in plain ops (exact double backward)
+            with torch.enable_grad():
+                leaf = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+                out = _givens_rounds_autograd(leaf, base, ctx.sizes, pi, pj)
+                (gtheta,) = torch.autograd.grad(out, leaf, gx, create_graph=True)
+            return gtheta, None, None, None, None
         x = x.clone()
         g = gx.to(x.dtype).clone(memory_format=torch.contiguous_format)
         gtheta = torch.empty_like(theta)
@@ -310,6 +339,10 @@ class GivensOrthogonal(nn.Module):
     rotations instead of saving one copy of the weight per round).
     """
 
+    base: torch.Tensor
+    pair_i: torch.Tensor
+    pair_j: torch.Tensor
+
     def __init__(
         self,
         layout: WeightLayout,
@@ -319,8 +352,6 @@ class GivensOrthogonal(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        from orthotorch.graph_sampling import round_robin
-
         self.layout = layout
         self.group = group
         n, k = layout.n, layout.k
@@ -338,15 +369,8 @@ class GivensOrthogonal(nn.Module):
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         """``theta`` ``(*batch, n(n−1)/2)`` → the weight (layout shape)."""
-        from orthotorch.manifolds.givens import functorch_active, rotate_pairs_autograd
-
-        if functorch_active():  # torch.func transforms: plain ops, differentiable to any order
-            x = self.base.to(theta.dtype)
-            start = 0
-            for size in self._sizes:
-                sl = slice(start, start + size)
-                x = rotate_pairs_autograd(x, self.pair_i[sl], self.pair_j[sl], theta[..., sl])
-                start += size
+        if functorch_transforms_active():  # torch.func: plain ops, differentiable to any order
+            x = _givens_rounds_autograd(theta, self.base, self._sizes, self.pair_i, self.pair_j)
             return self.layout.from_tall(x)
         x = _GivensRounds.apply(theta, self.base, self._sizes, self.pair_i, self.pair_j)
         return self.layout.from_tall(x)
@@ -354,7 +378,7 @@ class GivensOrthogonal(nn.Module):
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Sets ``base`` to the (QR-projected) weight, returns zero angles ``(*batch, n(n−1)/2)``."""
-        x = _project(_check_target("weight", weight, self.layout))
+        x = qr_sign_fixed(_check_target("weight", weight, self.layout))
         if self.layout.square and self.group == "SO" and bool((det_sign(x) < 0).any()):
             raise ValueError(
                 "`weight` must have determinant +1 for group='SO', got a target with determinant "
@@ -362,10 +386,6 @@ class GivensOrthogonal(nn.Module):
             )
         self.base.copy_(x.to(self.base.dtype))
         return x.new_zeros(*self.layout.batch, self.num_angles)
-
-
-def _is_conv(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd)
 
 
 def orthogonal(
@@ -402,6 +422,14 @@ def orthogonal(
 
     Raises:
         TypeError / ValueError: unknown ``method``/``group``, missing or non-floating parameter.
+        Any error of the parametrization itself (e.g. an unsupported device) is raised before
+        ``module`` is modified: a failed call leaves the module exactly as it was.
+
+    Copies and checkpoints: ``copy.deepcopy(module)`` gives an independent parametrized copy
+    (parameters and ``signs``/``base`` buffers included). ``pickle``/``torch.save(module)`` of a
+    parametrized module raise torch's ``RuntimeError`` ("only supported through state_dict()"): save
+    ``module.state_dict()`` and load it into a module built the same way (``orthogonal(...)`` first,
+    then ``load_state_dict``), which restores the weight exactly.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
@@ -420,28 +448,52 @@ def orthogonal(
     if _tp.is_parametrized(module, name):
         raise ValueError(f"`{name}` of {type(module).__name__} is already parametrized")
     layout = WeightLayout(
-        tuple(weight.shape), flatten=_is_conv(module) if flatten is None else flatten
+        tuple(weight.shape), flatten=is_conv(module) if flatten is None else flatten
     )
-    kw = {"dtype": weight.dtype, "device": weight.device}
-    if method in ("cwy", "tcwy"):
-        param: nn.Module = CWYOrthogonal(layout, method=method, group=group, check=check, **kw)
+    dtype, device = weight.dtype, weight.device
+    param: CWYOrthogonal | GivensOrthogonal | SkewOrthogonal
+    if method == "cwy" or method == "tcwy":
+        param = CWYOrthogonal(
+            layout, method=method, group=group, check=check, dtype=dtype, device=device
+        )
     elif method == "givens":
-        param = GivensOrthogonal(layout, group=group, **kw)
+        param = GivensOrthogonal(layout, group=group, dtype=dtype, device=device)
     else:
-        param = SkewOrthogonal(layout, method=method, group=group, **kw)
+        skew: Literal["matrix_exp", "cayley"] = "cayley" if method == "cayley" else "matrix_exp"
+        param = SkewOrthogonal(layout, method=skew, group=group, dtype=dtype, device=device)
     with torch.no_grad():
-        x = _project(layout.to_tall(weight.detach()).to(_compute_dtype(weight.dtype)))
+        x = qr_sign_fixed(layout.to_tall(weight.detach()).to(compute_dtype(weight.dtype)))
         if layout.square and group == "SO":
             flip = det_sign(x) < 0
             x[..., -1] = torch.where(flip.unsqueeze(-1), -x[..., -1], x[..., -1])
         init = layout.from_tall(x.to(weight.dtype)).contiguous()
-    # register_parametrization calls right_inverse on the current value of the tensor
-    if isinstance(weight, nn.Parameter):
-        with torch.no_grad():
-            weight.copy_(init)
-    else:
-        setattr(module, name, init)
-    _tp.register_parametrization(module, name, param)
+        # Dry run on the fresh parametrization before the module is touched: torch's
+        # register_parametrization overwrites the tensor (``original.set_``) before it evaluates the
+        # forward, so a method that fails for this dtype/device would leave the module half changed.
+        probe = param(param.right_inverse(init))
+        if probe.shape != weight.shape or not bool(torch.isfinite(probe).all()):
+            raise ValueError(
+                f"orthogonal(method={method!r}) cannot represent `{name}` ({describe(weight)}): "
+                f"its forward gave {describe(probe)} with non-finite entries or a different shape"
+            )
+    saved = weight.detach().clone()
+    try:
+        # register_parametrization calls right_inverse on the current value of the tensor
+        if isinstance(weight, nn.Parameter):
+            with torch.no_grad():
+                weight.copy_(init)
+        else:
+            setattr(module, name, init)
+        _tp.register_parametrization(module, name, param)
+    except BaseException:
+        # leave the module exactly as it was
+        if _tp.is_parametrized(module, name):
+            _tp.remove_parametrizations(module, name, leave_parametrized=False)
+        if isinstance(weight, nn.Parameter):
+            weight.data = saved  # the same Parameter object, its original storage and shape
+        else:
+            setattr(module, name, saved)
+        raise
     return module
 
 

@@ -23,9 +23,11 @@ from orthotorch.manifolds import givens
 
 #: ``(subcommand, module)``: each module's ``register(subparsers)`` adds that subcommand.
 SUBCOMMANDS: tuple[tuple[str, str], ...] = (
-    ("demo", "orthotorch.apps.procrustes"),
+    ("demo", "orthotorch.apps.demo"),
     ("attention", "orthotorch.apps.attention_lm"),
     ("bilevel", "orthotorch.apps.bilevel.cli"),
+    ("rnn", "orthotorch.apps.rnn"),
+    ("humanoid", "orthotorch.apps.humanoid"),
 )
 
 

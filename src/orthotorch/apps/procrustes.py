@@ -1,4 +1,4 @@
-"""``orthotorch demo``: learn a hidden rotation from minibatches: ours vs geoopt vs torch's parametrization.
+"""``orthotorch demo procrustes``: learn a hidden rotation from minibatches: ours vs geoopt vs torch's parametrization.
 
 Orthogonal regression (the problem of ``benchmarks/optimizers.py``): data ``y = Q* x + 0.01·noise`` with a hidden ``Q* ∈ SO(d)``; each step draws a fresh
 minibatch and takes one optimizer step on ``½ Σ_b ‖W x_b − y_b‖² / batch``. Every method gets the same wall-clock budget
@@ -188,14 +188,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``demo`` subcommand to the ``orthotorch`` command."""
+def register(subparsers: argparse._SubParsersAction, name: str = "procrustes") -> None:
+    """Add the rotation-recovery demo as subcommand ``name`` (``orthotorch demo procrustes``)."""
     p = subparsers.add_parser(
-        "demo", help="recover a hidden rotation: orthotorch vs geoopt vs torch parametrization"
+        name,
+        help="recover a hidden rotation: orthotorch vs geoopt vs torch parametrization",
+        description="Recover a hidden rotation from minibatches: orthotorch vs geoopt vs torch's parametrization.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dim", type=int, default=1024, help="matrix size d (default 1024)")
+    p.add_argument("--dim", type=int, default=1024, help="matrix size d")
     p.add_argument("--seconds", type=float, default=8.0, help="wall-clock budget per method")
     p.add_argument("--batch", type=int, default=32, help="minibatch size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the problem and the data")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.set_defaults(func=_cmd_demo)

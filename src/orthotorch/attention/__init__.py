@@ -6,7 +6,7 @@
   cross-attention, key padding masks, recurrent :class:`FavorState` for O(1)-per-token decoding.
 - SLiM: the causal path's custom autograd (memory independent of L beyond inputs/outputs) and
   :func:`slim_train_step`, slice-by-slice training of a :class:`PerformerLM` through all layers.
-- Modules: :class:`FavorAttention` (drop-in for ``nn.MultiheadAttention(batch_first=True)``),
+- Modules: :class:`FavorAttention` (drop-in for ``nn.MultiheadAttention``, loads its state_dict),
   :class:`PerformerBlock`, :class:`Performer`, :class:`PerformerLM`.
 
 See docs/attention.md for where FAVOR+ is accurate and fast, and where it is not.

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from orthotorch._numerics import haar
 from orthotorch._validation import check_generator, check_positive_int, check_tensor
+from orthotorch.graph_sampling import random_matching
+from orthotorch.manifolds.givens import rotate_pairs, rotate_pairs_
 
 KINDS = ("positive", "hyperbolic", "trig", "relu", "elu")
 PROJECTIONS = ("gaussian", "orthogonal", "orthogonal_fixed", "givens", "givens_fixed")
@@ -100,11 +103,8 @@ def orthogonal_projection(
     dev = generator.device
     blocks = []
     for _ in range(-(-m // d)):
-        g = torch.randn(d, d, generator=generator, dtype=torch.float64, device=dev)
-        qm, r = torch.linalg.qr(g)
-        # sign fix makes the QR factor exactly Haar distributed
-        qm = qm * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
-        blocks.append(qm.T)
+        # sign-fixed QR of a Gaussian block: exactly Haar distributed
+        blocks.append(haar(d, d, generator=generator, dtype=torch.float64).T)
     w = torch.cat(blocks, dim=0)[:m]
     w = w * _row_norms(m, d, scaling, generator, dev)[:, None]
     return w.to(dtype=dtype, device=device if device is not None else dev)
@@ -133,8 +133,6 @@ class GivensBlocks:
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``(m, d)`` matrix ``W`` (rows of ``G_R ⋯ G_1`` per block, rescaled)."""
-        from orthotorch.manifolds.givens import rotate_pairs_
-
         blocks = []
         for b in range(self.i.shape[0]):
             x = torch.eye(self.d, dtype=torch.float64, device=self.theta.device)
@@ -146,8 +144,6 @@ class GivensBlocks:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x Wᵀ`` for ``x`` ``(..., d)`` → ``(..., m)`` in O(m log d) per row, differentiable in ``x``."""
-        from orthotorch.manifolds.givens import rotate_pairs
-
         lead = x.shape[:-1]
         cols = x.reshape(-1, self.d).T  # (d, N): the library rotates rows
         outs = []
@@ -176,8 +172,6 @@ def givens_blocks(
     ``R = 2·ceil(log2 d)`` rounds (≈ d log d rotations, Kac's walk mixing scale) makes rows close to
     uniform on the sphere; rows are then rescaled as in :func:`orthogonal_projection`.
     """
-    from orthotorch.graph_sampling import random_matching
-
     check_positive_int("m", m)
     check_positive_int("d", d, minimum=2)
     _check_generator_required(generator)
@@ -269,6 +263,8 @@ class FeatureMap(nn.Module):
     The projection is a buffer ``weight`` ``(m, d)`` (float32, or float64 after ``.double()``), saved in
     ``state_dict``. :meth:`redraw` samples a fresh one.
     """
+
+    weight: torch.Tensor
 
     def __init__(
         self,

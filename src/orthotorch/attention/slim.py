@@ -15,18 +15,21 @@ import torch
 import torch.nn.functional as F
 
 from orthotorch._validation import check_positive_int, check_tensor, describe
-from orthotorch.attention.functional import (
-    _AMPLIFICATION_LIMIT,
-    FavorState,
-    _decay,
-    init_state,
-    rebuild_state,
-)
+from orthotorch.attention.causal import CheckpointRule, FavorState, init_state
+from orthotorch.attention.functional import rebuild_state
 from orthotorch.attention.modules import FavorAttention, PerformerLM
 
 
 def _attentions(model: PerformerLM) -> list[FavorAttention]:
-    return [blk.attn for blk in model.blocks]
+    out = []
+    for blk in model.blocks:
+        attn = blk.attn
+        if not isinstance(attn, FavorAttention):
+            raise TypeError(
+                f"every block's `attn` must be a FavorAttention, got {type(attn).__name__}"
+            )
+        out.append(attn)
+    return out
 
 
 def slim_train_step(
@@ -70,7 +73,7 @@ def slim_train_step(
     # forward: states only, with the running maxima and the few checkpoints needed for exact rebuilds
     maxes: list[list[torch.Tensor]] = []
     ckpt: dict[tuple[int, int], torch.Tensor] = {}
-    amp = [1.0] * nlayers
+    rules = [CheckpointRule() for _ in range(nlayers)]
     states: list[FavorState | None] = [None] * nlayers
     loss_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
     with torch.no_grad():
@@ -86,15 +89,8 @@ def slim_train_step(
                     row.append(torch.full_like(new[idx].max_, float("-inf")))
                 else:
                     row.append(old.max_)
-                    carried = (old.kv * _decay(old.max_, new[idx].max_)[..., None, None]).flatten(
-                        -2
-                    )
-                    ratio = new[idx].kv.flatten(-2).norm(dim=-1) / carried.norm(dim=-1)
-                    ratio = torch.where(torch.isnan(ratio), torch.ones_like(ratio), ratio)
-                    amp[idx] *= float(ratio.max())
-                    if amp[idx] > _AMPLIFICATION_LIMIT:
+                    if rules[idx].keep(old, new[idx]):
                         ckpt[(j, idx)] = old.kv
-                        amp[idx] = 1.0
             maxes.append(row)
             states = list(new)
 

@@ -6,23 +6,25 @@ independent of the unrolled graph), by FOM (second derivatives dropped) or by UF
 Bernoulli(q)-gated, 1/q-weighted correction: unbiased). Submodules:
 
 - :mod:`~orthotorch.bilevel.hypergrad`: :func:`hypergradient`, :func:`batched_hypergradient`,
-  :func:`hypergradient_vmap` (tasks as data, vectorised), :class:`HypergradInfo` (cost counts).
+  :func:`inner_adapt`.
+- :mod:`~orthotorch.bilevel.vmap`: :func:`hypergradient_vmap` (tasks as data, vectorised).
 - :mod:`~orthotorch.bilevel.ufom`: :func:`optimal_q`, :class:`UFOMController` (fixed/adaptive q).
 - :mod:`~orthotorch.bilevel.module`: ``nn.Module`` helpers over ``torch.func.functional_call``.
-- :mod:`orthotorch.apps.bilevel` (not imported here): few-shot digits,
+- private: ``_args`` (the one argument resolver of every entry point), ``_engine`` (the FOM, exact,
+  unrolled and UFOM branches of one task), ``_info`` (:class:`HypergradInfo`, the cost record),
+  ``_pytree`` (tensor / ``dict[str, Tensor]`` parameter trees).
+- :mod:`orthotorch.apps.bilevel` (an application, never imported by the library): few-shot digits,
   sinusoids, the FOM counterexample (behind ``orthotorch bilevel``; digits need scikit-learn).
 
-See ``docs/bilevel.md`` for a guide and when UFOM wins or loses.
+Imports point one way: ``_pytree``, ``_info`` → ``ufom`` → ``_args`` → ``_engine`` → ``vmap`` →
+``hypergrad`` → ``module``.
+
+See docs/bilevel.md for a guide and when UFOM wins or loses.
 """
 
-from orthotorch.bilevel.hypergrad import (
-    METHODS,
-    HypergradInfo,
-    batched_hypergradient,
-    hypergradient,
-    hypergradient_vmap,
-    inner_adapt,
-)
+from orthotorch.bilevel._args import METHODS
+from orthotorch.bilevel._info import HypergradInfo
+from orthotorch.bilevel.hypergrad import batched_hypergradient, hypergradient, inner_adapt
 from orthotorch.bilevel.module import (
     accumulate_grads,
     module_hypergradient,
@@ -30,6 +32,7 @@ from orthotorch.bilevel.module import (
     module_params,
 )
 from orthotorch.bilevel.ufom import UFOMController, optimal_q, ufom_cost_variance
+from orthotorch.bilevel.vmap import hypergradient_vmap
 
 __all__ = [
     "METHODS",

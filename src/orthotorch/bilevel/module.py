@@ -10,15 +10,15 @@ orthogonal while the inner SGD steps move the unconstrained tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from orthotorch.bilevel.hypergrad import batched_hypergradient, hypergradient
-
-if TYPE_CHECKING:  # pragma: no cover
-    from orthotorch.bilevel.ufom import UFOMController
+from orthotorch._validation import check_bool
+from orthotorch.bilevel._args import resolve_args
+from orthotorch.bilevel.hypergrad import _many_tasks, _one_task
+from orthotorch.bilevel.ufom import UFOMController
 
 __all__ = ["accumulate_grads", "module_hypergradient", "module_loss", "module_params"]
 
@@ -90,6 +90,7 @@ def module_hypergradient(
     generator: torch.Generator | None = None,
     checkpoints: int | None = None,
     hvp: str = "reverse",
+    check_finite: bool = True,
     accumulate: bool = False,
     return_info: bool = False,
 ) -> Any:
@@ -104,16 +105,15 @@ def module_hypergradient(
         inner_loss, outer_loss: ``params dict -> scalar`` (e.g. from :func:`module_loss`), for one
             task; or pass ``tasks`` instead.
         tasks: a sequence of ``(inner_loss, outer_loss)`` pairs; the result is their mean.
-        steps, lr, method, q, generator, checkpoints, hvp: as in
-            :func:`~orthotorch.bilevel.hypergradient`.
+        steps, lr, method, q, generator, checkpoints, hvp, check_finite: as in
+            :func:`~orthotorch.bilevel.hypergradient` (checked by the same resolver).
         accumulate: add the result to the parameters' ``.grad`` (for a ``torch.optim`` step).
         return_info: also return the :class:`~orthotorch.bilevel.HypergradInfo` (a list for tasks).
 
     Returns:
         ``{name: gradient}`` with the shapes of the parameters (or ``(grads, info)``).
     """
-    theta = module_params(module)
-    kwargs = dict(
+    args = resolve_args(
         steps=steps,
         lr=lr,
         method=method,
@@ -121,19 +121,24 @@ def module_hypergradient(
         generator=generator,
         checkpoints=checkpoints,
         hvp=hvp,
-        return_info=True,
+        check_finite=check_finite,
+        return_info=return_info,
     )
+    check_bool("accumulate", accumulate)
     if tasks is not None:
         if inner_loss is not None or outer_loss is not None:
             raise ValueError("pass either `inner_loss`/`outer_loss` or `tasks`, not both")
-        grads, info = batched_hypergradient(tasks, theta, **kwargs)
+    elif inner_loss is None or outer_loss is None:
+        raise ValueError("`inner_loss` and `outer_loss` are required when `tasks` is None")
+    theta = module_params(module)
+    info: Any
+    if tasks is not None:
+        grads, info = _many_tasks(tasks, theta, args)
     else:
-        if inner_loss is None or outer_loss is None:
-            raise ValueError("`inner_loss` and `outer_loss` are required when `tasks` is None")
-        grads, info = hypergradient(inner_loss, outer_loss, theta, **kwargs)
+        grads, info = _one_task(inner_loss, outer_loss, theta, args)
     if accumulate:
         accumulate_grads(module, grads)
-    return (grads, info) if return_info else grads
+    return (grads, info) if args.return_info else grads
 
 
 def accumulate_grads(module: nn.Module, grads: Mapping[str, Tensor]) -> None:

@@ -20,27 +20,20 @@ from typing import Any
 
 from torch import Tensor
 
-from orthotorch.bilevel.hypergrad import HypergradInfo, _leaves, _sq_norm
+from orthotorch._validation import check_choice, check_positive_int, check_real
+from orthotorch.bilevel._info import HypergradInfo
+from orthotorch.bilevel._pytree import leaves, sq_norm
 
 __all__ = ["UFOMController", "optimal_q", "ufom_cost_variance"]
 
 
-def _check_nonneg(name: str, value: object) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a float >= 0, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite float >= 0, got {value!r}")
-    return float(value)
+def check_q(q: object, name: str = "q") -> float:
+    """UFOM's probability as a float in (0, 1] (``TypeError`` for a non-number, ``ValueError`` else)."""
+    return check_real(name, q, minimum=0.0, min_inclusive=False, maximum=1.0)
 
 
-def _check_floor(floor: object) -> float:
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)):
-        raise TypeError(f"`floor` must be a float in (0, 1], got {floor!r}")
-    if not (0.0 < floor <= 1.0):
-        raise ValueError(f"`floor` must lie in (0, 1], got {floor!r}")
-    return float(floor)
+def _nonneg(name: str, value: object) -> float:
+    return check_real(name, value, minimum=0.0)
 
 
 def ufom_cost_variance(
@@ -55,9 +48,10 @@ def ufom_cost_variance(
         variance_exact: σ², variance of the exact hypergradient across tasks (trace, a float).
         gap_sq: D, mean of ‖g_exact − g_FOM‖² across tasks.
     """
-    if not (0.0 < q <= 1.0):
-        raise ValueError(f"`q` must lie in (0, 1], got {q!r}")
-    return (cost_fom + q * cost_extra) * (variance_exact + (1.0 / q - 1.0) * gap_sq)
+    q = check_q(q)
+    c_f, c_x = _nonneg("cost_fom", cost_fom), _nonneg("cost_extra", cost_extra)
+    s2, d = _nonneg("variance_exact", variance_exact), _nonneg("gap_sq", gap_sq)
+    return (c_f + q * c_x) * (s2 + (1.0 / q - 1.0) * d)
 
 
 def optimal_q(
@@ -81,11 +75,9 @@ def optimal_q(
         q* as a float. ``D = 0`` (FOM exact) gives ``floor``; ``C_X = 0`` (exact is free) or
         ``σ² <= D`` (the FOM bias dominates the task noise) gives 1.
     """
-    c_f = _check_nonneg("cost_fom", cost_fom)
-    c_x = _check_nonneg("cost_extra", cost_extra)
-    s2 = _check_nonneg("variance_exact", variance_exact)
-    d = _check_nonneg("gap_sq", gap_sq)
-    floor = _check_floor(floor)
+    c_f, c_x = _nonneg("cost_fom", cost_fom), _nonneg("cost_extra", cost_extra)
+    s2, d = _nonneg("variance_exact", variance_exact), _nonneg("gap_sq", gap_sq)
+    floor = check_q(floor, "floor")
     if d == 0.0:
         return floor
     a = s2 - d
@@ -126,24 +118,19 @@ class UFOMController:
         hvp_cost: float = 2.0,
         min_exact: int = 2,
     ) -> None:
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not (0.0 < q <= 1.0):
-            raise ValueError(f"`q` must be a float in (0, 1], got {q!r}")
-        if mode not in ("fixed", "adaptive"):
-            raise ValueError(f"`mode` must be 'fixed' or 'adaptive', got {mode!r}")
-        self.floor = _check_floor(floor)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise TypeError(f"`momentum` must be a float in (0, 1), got {momentum!r}")
-        if not (0.0 < momentum < 1.0):
-            raise ValueError(f"`momentum` must lie in (0, 1), got {momentum!r}")
-        self.hvp_cost = _check_nonneg("hvp_cost", hvp_cost)
-        if isinstance(min_exact, bool) or not isinstance(min_exact, int) or min_exact < 2:
-            raise ValueError(f"`min_exact` must be an int >= 2, got {min_exact!r}")
+        q = check_q(q)
+        check_choice("mode", mode, ("fixed", "adaptive"))
+        self.floor = check_q(floor, "floor")
+        momentum = check_real(
+            "momentum", momentum, minimum=0.0, maximum=1.0, min_inclusive=False, max_inclusive=False
+        )
+        self.hvp_cost = _nonneg("hvp_cost", hvp_cost)
+        self.min_exact = check_positive_int("min_exact", min_exact, minimum=2)
         if mode == "adaptive" and q < self.floor:
             raise ValueError(f"`q` ({q}) must be >= `floor` ({self.floor}) in adaptive mode")
-        self._q = float(q)
+        self._q = q
         self.mode = mode
-        self.momentum = float(momentum)
-        self.min_exact = min_exact
+        self.momentum = momentum
         self.n_observed = 0
         self.n_exact = 0
         self._w = 0.0  # EMA weight normaliser (bias correction)
@@ -166,7 +153,7 @@ class UFOMController:
         self.n_observed += info.tasks
         if not info.exact_used or info.g_exact is None or info.g_fom is None:
             return
-        g_e, g_f = _leaves(info.g_exact), _leaves(info.g_fom)
+        g_e, g_f = leaves(info.g_exact), leaves(info.g_fom)
         if info.tasks == 1:
             self._observe_one(g_e, g_f, info.cost_fom(), info.cost_extra(self.hvp_cost))
         else:  # stacked over the exact tasks of a vmapped call
@@ -181,8 +168,8 @@ class UFOMController:
     ) -> None:
         self.n_exact += 1
         m = self.momentum
-        gap = sum(_sq_norm(e - f) for e, f in zip(g_e, g_f))
-        gsq = _sq_norm(g_e)
+        gap = sq_norm([e - f for e, f in zip(g_e, g_f)])
+        gsq = sq_norm(g_e)
         flat = [e.detach().double() for e in g_e]
         if self._gap is None:
             self._gap, self._gsq = gap * (1 - m), gsq * (1 - m)

@@ -13,6 +13,7 @@ from orthotorch.graph_sampling.matching import (
     round_robin_matching,
 )
 from orthotorch.graph_sampling.samplers import (
+    SAMPLER_ALIASES,
     ColouringSampler,
     GreedySampler,
     MatchingSampler,
@@ -22,6 +23,7 @@ from orthotorch.graph_sampling.samplers import (
 )
 
 __all__ = [
+    "SAMPLER_ALIASES",
     "ColouringSampler",
     "GreedySampler",
     "Matching",

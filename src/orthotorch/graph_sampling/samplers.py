@@ -21,6 +21,7 @@ from orthotorch.graph_sampling.matching import (
 )
 
 __all__ = [
+    "SAMPLER_ALIASES",
     "ColouringSampler",
     "GreedySampler",
     "MatchingSampler",
@@ -91,6 +92,7 @@ class RoundRobinSampler(MatchingSampler):
         m = round_robin_matching(self.n, r, device=device)
         self.position += 1
         if self.shuffle:
+            assert self._perm is not None  # drawn above at the first call of every cycle
             perm = self._perm.to(m.i.device)
             m = Matching(perm[m.i], perm[m.j], m.prob)
         return m
@@ -131,25 +133,58 @@ class ColouringSampler(MatchingSampler):
 
 
 class GreedySampler(MatchingSampler):
-    """Greedy max-``|W|`` matching (locally dominant edges). Needs the dense ``(n, n)`` weights: the caller
-    forms ``W = G Xᵀ − X Gᵀ`` (O(n²k)) and passes ``|W|``. Deterministic: ``prob = 1``."""
+    """Greedy max-``|W|`` matchings (locally dominant edges): the one home of the ``"greedy"`` sampler.
+
+    Needs the dense ``(n, n)`` weights: the caller forms ``W = D Xᵀ − X Dᵀ`` (O(n²k)) and passes ``|W|``.
+    Deterministic: ``prob = 1``. :meth:`sample_many` gives the m successive matchings of one step.
+    """
 
     needs_weights = True
 
-    def sample(self, generator=None, *, weights=None, device=None) -> Matching:
+    def _check_weights(self, weights: torch.Tensor | None) -> torch.Tensor:
         if weights is None:
             raise ValueError("GreedySampler.sample needs `weights` (the (n, n) matrix |W|)")
         if weights.shape != (self.n, self.n):
             raise ValueError(
                 f"`weights` must have shape ({self.n}, {self.n}), got {tuple(weights.shape)}"
             )
-        m = greedy_matching(weights)
+        return weights
+
+    def sample(self, generator=None, *, weights=None, device=None) -> Matching:
+        m = greedy_matching(self._check_weights(weights))
         return m if device is None else m.to(device)
+
+    def sample_many(
+        self, weights: torch.Tensor, m: int, *, device: torch.device | str | None = None
+    ) -> list[Matching]:
+        """Up to ``m`` successive greedy matchings of ``weights`` ``(n, n)``, each one's pairs removed
+        before the next (stops early when no positive weight is left). ``weights`` is not modified.
+        O(m·n² log n)."""
+        check_positive_int("m", m)
+        w = self._check_weights(weights).clone()
+        out = []
+        for t in range(m):
+            mt = greedy_matching(w)
+            if len(mt) == 0:
+                break
+            out.append(mt if device is None else mt.to(device))
+            if t + 1 < m:
+                w[mt.i, mt.j] = 0.0
+                w[mt.j, mt.i] = 0.0
+        return out
+
+
+#: Spellings :func:`make_sampler` and the optimizers accept for one sampler.
+SAMPLER_ALIASES = {"coloring": "colouring"}
 
 
 def make_sampler(name: str, n: int, *, graph: Any = None) -> MatchingSampler:
     """Sampler by name: ``"random"``, ``"round_robin"``, ``"round_robin_shuffled"``, ``"greedy"``,
-    ``"colouring"`` (needs ``graph``)."""
+    ``"colouring"`` (alias ``"coloring"``; needs ``graph``). The optimizers accept the same names
+    (plus ``"full"``, which needs no sampler)."""
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be a sampler name (str), got {type(name).__name__} {name!r}")
+    name = SAMPLER_ALIASES.get(name, name)
     if name == "random":
         return RandomMatchingSampler(n)
     if name == "round_robin":
@@ -158,7 +193,7 @@ def make_sampler(name: str, n: int, *, graph: Any = None) -> MatchingSampler:
         return RoundRobinSampler(n, shuffle=True)
     if name == "greedy":
         return GreedySampler(n)
-    if name in ("colouring", "coloring"):
+    if name == "colouring":
         if graph is None:
             raise ValueError(
                 "sampler 'colouring' needs `graph` (a networkx.Graph of allowed row pairs)"
@@ -166,5 +201,5 @@ def make_sampler(name: str, n: int, *, graph: Any = None) -> MatchingSampler:
         return ColouringSampler(n, graph)
     raise ValueError(
         f"unknown sampler {name!r}; expected one of 'random', 'round_robin', 'round_robin_shuffled', "
-        "'greedy', 'colouring'"
+        "'greedy', 'colouring' (alias 'coloring')"
     )

@@ -14,6 +14,7 @@ from orthotorch.manifolds.givens import (
     check_matching,
     givens_matrix,
     givens_step_,
+    givens_steps_,
     pair_coefficients,
     rotate_pairs,
     rotate_pairs_,
@@ -24,6 +25,7 @@ from orthotorch.manifolds.stiefel import (
     OrthogonalGroup,
     SpecialOrthogonalGroup,
     Stiefel,
+    det_sign,
     skew_generator,
 )
 
@@ -36,8 +38,10 @@ __all__ = [
     "check_matching",
     "cwy",
     "cwy_columns",
+    "det_sign",
     "givens_matrix",
     "givens_step_",
+    "givens_steps_",
     "householder_product",
     "householder_vectors",
     "pair_coefficients",

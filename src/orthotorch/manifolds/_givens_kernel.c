@@ -6,10 +6,16 @@
  *            row by row of the underlying storage.
  * Rotation convention: x_i <- c x_i + s x_j, x_j <- -s x_i + c x_j, i.e. expm(theta (E_ij - E_ji)) acting
  * on the left. Every function returns 0, or -1 when an index is out of range (nothing is written then).
+ * The fused multi-matching step ot_steps_* lives in _givens_steps_impl.c (included below, once per type).
  */
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define GRAIN 32768
 
@@ -182,4 +188,47 @@ static int check_idx(const int64_t *I, const int64_t *J, int64_t P, int64_t n) {
 DEFINE_KERNELS(float, f32, cm1_f32, sinf)
 DEFINE_KERNELS(double, f64, cm1_f64, sin)
 
-int ot_abi_version(void) { return 3; }
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SFX)
+
+#define T float
+#define SFX f32
+#define CM1 cm1_f32
+#define SIN sinf
+#include "_givens_steps_impl.c"
+#undef T
+#undef SFX
+#undef CM1
+#undef SIN
+
+#define T double
+#define SFX f64
+#define CM1 cm1_f64
+#define SIN sin
+#include "_givens_steps_impl.c"
+#undef T
+#undef SFX
+#undef CM1
+#undef SIN
+
+/* Validate a set of pairs for n rows: 0, -1 (index outside [0, n)), -3 (a pair (i, i)) or -4 (a row in
+ * two pairs; checked only when disjoint != 0). */
+int ot_check_pairs(const int64_t *I, const int64_t *J, int64_t P, int64_t n, int64_t disjoint) {
+    for (int64_t p = 0; p < P; p++) {
+        if (I[p] < 0 || I[p] >= n || J[p] < 0 || J[p] >= n) return -1;
+        if (I[p] == J[p]) return -3;
+    }
+    if (!disjoint) return 0;
+    unsigned char *seen = (unsigned char *)calloc((size_t)n + 1, 1);
+    if (!seen) return -2;
+    int rc = 0;
+    for (int64_t p = 0; p < P && !rc; p++) {
+        if (seen[I[p]] || seen[J[p]]) rc = -4;
+        seen[I[p]] = seen[J[p]] = 1;
+    }
+    free(seen);
+    return rc;
+}
+
+int ot_abi_version(void) { return 6; }

@@ -18,18 +18,26 @@ Columns of ``U`` need not be normalised: the functions normalise them (the resul
 scale of each column). A zero or non-finite column raises ``ValueError`` instead of producing NaN.
 Both functions have an analytic backward (a custom :class:`torch.autograd.Function`), cheaper than
 autograd through the same operations, batched over leading dimensions, in float32 and float64;
-bfloat16/float16 inputs (and calls under autocast) are computed in float32 and cast back.
+bfloat16/float16 inputs (and calls under autocast) are computed in float32 and cast back. The backward
+is itself differentiable: when a graph of the gradient is requested (``create_graph=True``: gradient
+penalties, Hessian-vector products, MAML) it is computed by autograd through a recomputation of the
+forward in plain ops, so derivatives of every order are exact; inside ``torch.func`` transforms the
+plain ops are used from the start.
+
+``check=False`` skips the only guard against zero or non-finite columns: such a column then gives NaN
+(a direction ``v/‖v‖`` with ``‖v‖ = 0``). The parametrizations never produce one (``right_inverse``
+returns unit vectors and gradient steps only grow the norms), so ``check=False`` is safe there.
 """
 
 from __future__ import annotations
 
 import torch
 
+from orthotorch._compat import functorch_transforms_active
+from orthotorch._numerics import compute_dtype
 from orthotorch._validation import check_floating, check_matrix, describe
 
 __all__ = ["cwy", "cwy_columns", "householder_product", "householder_vectors", "tcwy"]
-
-_COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 def _eye(d: int, m: int, like: torch.Tensor) -> torch.Tensor:
@@ -73,10 +81,12 @@ class _CWYColumns(torch.autograd.Function):
     ``∂ℓ/∂U = −(G Yᵀ − U (P + Pᵀ) + [Zᵀ; 0])``, then through the normalisation
     ``∂ℓ/∂v = (g − u (uᵀg)) / ν``. Five matrix products / solves in all, with no transposed copies of
     large matrices; autograd through the same forward records two more and several extra passes.
+    With ``create_graph=True`` the backward instead differentiates :func:`_cwy_columns_autograd` (the same
+    forward in plain ops), so the gradient carries a graph and double backward is exact.
     """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, m: int, check: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, v: torch.Tensor, m: int, check: bool) -> torch.Tensor:
         a = _triu_matmul(v.mT, v)  # triu(vᵀv), (B, L, L)
         sq = a.diagonal(dim1=-2, dim2=-1)
         if check:
@@ -88,15 +98,21 @@ class _CWYColumns(torch.autograd.Function):
         y = torch.linalg.solve_triangular(s, u[..., :m, :].mT, upper=True)  # (B, L, m)
         out = torch.bmm(u, y).neg_()
         out.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        ctx.save_for_backward(u, s, y, norms)
+        ctx.save_for_backward(u, s, y, norms, v)
         ctx.m = m
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        u, s, y, norms = ctx.saved_tensors
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        u, s, y, norms, v = ctx.saved_tensors
         m = ctx.m
+        if torch.is_grad_enabled():
+            # create_graph=True: a gradient that is itself differentiable (in v and in g)
+            with torch.enable_grad():
+                leaf = v if v.requires_grad else v.detach().requires_grad_(True)
+                out = _cwy_columns_autograd(leaf, m)
+                (gv,) = torch.autograd.grad(out, leaf, g, create_graph=True)
+            return gv, None, None
         g = g.contiguous()
         z = torch.linalg.solve_triangular(s.mT, torch.bmm(u.mT, g), upper=False)  # S⁻ᵀ UᵀG
         p = _triu_matmul(z, y.mT).triu_(diagonal=1)
@@ -124,14 +140,11 @@ def _compute(v: torch.Tensor, m: int, check: bool) -> torch.Tensor:
     """Flatten batch dims, upcast half dtypes to float32, turn autocast off inside, restore."""
     dtype = v.dtype
     batch, d, ell = v.shape[:-2], v.shape[-2], v.shape[-1]
-    work = v if dtype in _COMPUTE_DTYPES else v.float()
-    work = work.reshape(-1, d, ell)
+    work = v.to(compute_dtype(dtype)).reshape(-1, d, ell)
     if work.shape[0] == 0:
         return v.new_zeros(*batch, d, m)
     dev = v.device.type
-    from orthotorch.manifolds.givens import functorch_active
-
-    if functorch_active():
+    if functorch_transforms_active():
         return _cwy_columns_autograd(work, m).reshape(*batch, d, m).to(dtype)
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         with torch.autocast(device_type=dev, enabled=False):
@@ -157,7 +170,7 @@ def cwy(U: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         U: ``(..., d, L)`` Householder vectors as columns, ``1 ≤ L ≤ d``; each column is normalised
             internally (any nonzero scale gives the same result). Leading dimensions are batch.
         check: verify that no column is zero or non-finite (one reduction and a host sync); turn off
-            only when the caller guarantees it.
+            only when the caller guarantees it: unchecked, such a column gives NaN.
 
     Returns:
         ``(..., d, d)`` orthogonal matrix with determinant ``(−1)^L``. Cost ``O(d²L)`` (three
@@ -184,7 +197,8 @@ def tcwy(U: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     Args:
         U: ``(..., n, k)`` Householder vectors as columns, ``1 ≤ k ≤ n`` (tall, the Stiefel
             convention; for a wide target transpose it). Columns are normalised internally.
-        check: verify that no column is zero or non-finite (one reduction and a host sync).
+        check: verify that no column is zero or non-finite (one reduction and a host sync);
+            unchecked, such a column gives NaN.
 
     Returns:
         ``(..., n, k)`` with orthonormal columns. Cost ``O(nk² + k³)``, linear in ``n``; the backward
@@ -209,7 +223,7 @@ def cwy_columns(U: torch.Tensor, m: int, *, check: bool = True) -> torch.Tensor:
     Args:
         U: ``(..., d, L)`` Householder vectors, ``1 ≤ L ≤ d``.
         m: number of leading columns to return, ``1 ≤ m ≤ d``.
-        check: verify that no column is zero or non-finite.
+        check: verify that no column is zero or non-finite (unchecked, such a column gives NaN).
 
     Returns:
         ``(..., d, m)``: ``I[:, :m] − U S⁻¹ U[:m]ᵀ``, cost ``O(dLm + dL² + L³)``.
@@ -271,9 +285,7 @@ def householder_vectors(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if k < 1:
         raise ValueError(f"`X` must have at least one column, got {describe(X)}")
     dtype = X.dtype
-    work = X.detach()
-    if dtype not in _COMPUTE_DTYPES:
-        work = work.float()
+    work = X.detach().to(compute_dtype(dtype))
     if not bool(torch.isfinite(work).all()):
         raise ValueError(f"`X` must be finite, got non-finite entries in {describe(X)}")
     a, tau = torch.geqrf(work)

@@ -1,7 +1,7 @@
 """Givens-rotation primitives on disjoint row pairs: the hot path of the library.
 
 A set of disjoint row pairs ``(i[p], j[p])`` (a matching) defines commuting plane rotations. For tall
-points ``x`` of shape ``(..., n, k)`` the library rotates rows (DESIGN.md):
+points ``x`` of shape ``(..., n, k)`` the library rotates rows (docs/design.md):
 
     x_i ← c·x_i + s·x_j,   x_j ← −s·x_i + c·x_j,   c = cos θ, s = sin θ,
 
@@ -13,18 +13,23 @@ Every function costs O(P·k) for P pairs. On CPU, float32/float64 run in a nativ
 use, see :mod:`orthotorch.manifolds._native`); other dtypes and devices use a vectorised torch path with
 angles and dot products in float32 (bfloat16/float16) or the input dtype.
 
-Pairs must be disjoint; the hot path does not check that (use :func:`check_matching`), but indices are
-range-checked, so a bad index raises instead of corrupting memory.
+The public functions check that the pairs form a matching (in range, ``i ≠ j``, no row in two pairs; O(P + n),
+in C on CPU) and refuse to write into tensors with overlapping memory (e.g. ``expand``-ed ones). The optimizers
+pass ``check=False`` (their matchings are valid by construction); indices are range-checked on every path, so
+a bad index raises ``IndexError`` instead of corrupting memory. :func:`givens_steps_` fuses the ``m``
+matchings of one optimizer step (and the momentum update) into one pass over the rows.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 from collections.abc import Sequence
 
 import torch
 
-from orthotorch._validation import check_floating, check_matrix, describe
+from orthotorch._compat import functorch_transforms_active
+from orthotorch._validation import check_bool, check_floating, check_matrix, check_real, describe
 from orthotorch.manifolds import _native
 
 __all__ = [
@@ -32,6 +37,7 @@ __all__ = [
     "functorch_active",
     "givens_matrix",
     "givens_step_",
+    "givens_steps_",
     "native_status",
     "pair_coefficients",
     "rotate_pairs",
@@ -52,6 +58,14 @@ def native_status() -> str:
 
 
 def _index(name: str, idx: IndexLike, device: torch.device) -> torch.Tensor:
+    if (
+        type(idx) is torch.Tensor
+        and idx.dtype == torch.int64
+        and idx.dim() == 1
+        and idx.device == device
+        and idx.is_contiguous()
+    ):
+        return idx  # the optimizers' case: nothing to convert
     if not isinstance(idx, torch.Tensor):
         idx = torch.as_tensor(list(idx), dtype=torch.int64)
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -61,12 +75,71 @@ def _index(name: str, idx: IndexLike, device: torch.device) -> torch.Tensor:
     return idx.to(device=device, dtype=torch.int64).contiguous()
 
 
-def _pairs(x: torch.Tensor, i: IndexLike, j: IndexLike) -> tuple[torch.Tensor, torch.Tensor]:
+def _range_error(ii: torch.Tensor, jj: torch.Tensor, n: int, where: str = "") -> IndexError:
+    both = torch.cat([ii, jj])
+    lo, hi = int(both.min()), int(both.max())
+    return IndexError(
+        f"pair indices `i`/`j`{where} must lie in [0, {n}) (the rows of `x`), got range [{lo}, {hi}]"
+    )
+
+
+def _pair_error(rc: int, ii: torch.Tensor, jj: torch.Tensor, n: int, where: str = "") -> Exception:
+    """The exception for a failed pair check (``rc`` as returned by the kernels)."""
+    if rc == -1:
+        return _range_error(ii, jj, n, where)
+    if rc == -3:
+        p = int(torch.nonzero(ii == jj)[0, 0])
+        return ValueError(
+            f"a pair (i, j){where} must join two different rows, got i == j == {int(ii[p])} at "
+            f"position {p}; rows paired with themselves are not rotations"
+        )
+    if rc == -4:
+        both = torch.cat([ii, jj]).cpu()
+        counts = torch.bincount(both, minlength=n)
+        row = int(torch.nonzero(counts > 1)[0, 0])
+        return ValueError(
+            f"pairs `i`, `j`{where} must be disjoint (a matching): row {row} appears in "
+            f"{int(counts[row])} pairs"
+        )
+    if rc == -2:
+        return MemoryError("native Givens kernel: out of memory")
+    return RuntimeError(f"native Givens kernel failed with code {rc}")
+
+
+def _check_pairs(
+    ii: torch.Tensor, jj: torch.Tensor, n: int, *, full: bool, where: str = ""
+) -> None:
+    """Raise unless the pairs are in range (always) and, when ``full``, distinct and disjoint."""
+    if ii.numel() == 0:
+        return
+    if ii.device.type == "cpu" and _native.get_lib() is not None:
+        rc = _call_plain("ot_check_pairs", ii, jj, ii.numel(), n, int(full))
+    else:  # a few tensor ops and one host sync
+        both = torch.cat([ii, jj])
+        lo, hi = torch.aminmax(both)
+        stats = [lo, hi]
+        if full:
+            stats.append(torch.bincount(both.clamp(0, max(n - 1, 0)), minlength=n).max())
+        vals = torch.stack(stats).tolist()
+        rc = 0
+        if vals[0] < 0 or vals[1] >= n:
+            rc = -1
+        elif full and vals[2] > 1:  # a row twice: in one pair (i == j) or in two pairs
+            rc = -3 if bool((ii == jj).any()) else -4
+    if rc:
+        raise _pair_error(rc, ii, jj, n, where)
+
+
+def _pairs(
+    x: torch.Tensor, i: IndexLike, j: IndexLike, check: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     ii, jj = _index("i", i, x.device), _index("j", j, x.device)
     if ii.shape != jj.shape:
         raise ValueError(
             f"`i` and `j` must have the same length, got {ii.numel()} and {jj.numel()}"
         )
+    if check:
+        _check_pairs(ii, jj, x.shape[-2], full=True)
     return ii, jj
 
 
@@ -97,31 +170,53 @@ def _angles(
     return theta.to(x.device)
 
 
-def _check_pair_inputs(x: torch.Tensor, g: torch.Tensor | None = None) -> None:
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (e.g. an ``expand``-ed tensor, stride 0).
+
+    Sufficient test for the absence of overlap: ordered by stride, every dimension's stride exceeds the
+    extent spanned by the smaller ones. Layouts that fail it are refused for in-place writes."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    span = 0
+    for st, sz in dims:
+        if st <= span:
+            return True
+        span += (sz - 1) * st
+    return False
+
+
+def _check_pair_inputs(
+    x: torch.Tensor, other: torch.Tensor | None = None, name: str = "g", *, writes: bool = False
+) -> None:
     check_matrix("x", x)
     check_floating("x", x)
-    if g is not None:
-        check_matrix("g", g)
-        if g.shape != x.shape:
-            raise ValueError(
-                f"`g` must have the shape of `x` {tuple(x.shape)}, got {tuple(g.shape)}"
-            )
-        if g.dtype != x.dtype:
-            raise TypeError(f"`g` must have the dtype of `x` ({x.dtype}), got {g.dtype}")
-        if g.device != x.device:
-            raise ValueError(f"`g` must be on the device of `x` ({x.device}), got {g.device}")
+    if writes and _overlaps(x):
+        raise ValueError(
+            f"`x` is written in place but has internally overlapping memory (strides {x.stride()}, "
+            f"e.g. an expanded tensor); pass `x.clone()` or `x.contiguous()`"
+        )
+    if other is None:
+        return
+    check_matrix(name, other)
+    if other.shape != x.shape:
+        raise ValueError(
+            f"`{name}` must have the shape of `x` {tuple(x.shape)}, got {tuple(other.shape)}"
+        )
+    if other.dtype != x.dtype:
+        raise TypeError(f"`{name}` must have the dtype of `x` ({x.dtype}), got {other.dtype}")
+    if other.device != x.device:
+        raise ValueError(f"`{name}` must be on the device of `x` ({x.device}), got {other.device}")
 
 
-def _batched_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int] | None:
-    """``t`` viewed as ``(B, n, k)`` without a copy plus its strides, or ``None`` if impossible."""
-    n, k = t.shape[-2], t.shape[-1]
+def _batched_view(t: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(B, batch stride, row stride, column stride)`` of ``t`` viewed as ``(B, n, k)`` without a copy,
+    or ``None`` if impossible."""
     if t.dim() == 2:
-        return t, 1, 0, t.stride(0), t.stride(1)
+        return 1, 0, t.stride(0), t.stride(1)
     try:
-        v = t.view(-1, n, k)
+        v = t.view(-1, t.shape[-2], t.shape[-1])
     except RuntimeError:
         return None
-    return v, v.shape[0], v.stride(0), v.stride(1), v.stride(2)
+    return v.shape[0], v.stride(0), v.stride(1), v.stride(2)
 
 
 def _use_native(*tensors: torch.Tensor) -> bool:
@@ -132,14 +227,30 @@ def _use_native(*tensors: torch.Tensor) -> bool:
     return _native.get_lib() is not None
 
 
-def _kernel(name: str, x: torch.Tensor):
-    """The native function ``ot_<name>_f32`` or ``ot_<name>_f64`` for the dtype of ``x``."""
-    sfx = "f32" if x.dtype == torch.float32 else "f64"
-    return getattr(_native.get_lib(), f"ot_{name}_{sfx}")
+def _convert(arg: object) -> object:
+    if isinstance(arg, torch.Tensor):
+        return ctypes.c_void_p(arg.data_ptr())
+    if arg is None:
+        return ctypes.c_void_p(0)
+    return arg
 
 
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+def _call(name: str, dtype: torch.dtype, *args: object) -> int:
+    """Call the native kernel ``ot_<name>_f32|f64`` for ``dtype``; the signature table of
+    :mod:`orthotorch.manifolds._native` fixes the argument count and types (tensors and ``None`` are
+    passed as data pointers; the thread count is appended)."""
+    sig = _native.SIGNATURES[name]
+    if len(args) + 1 != len(sig):
+        raise TypeError(f"kernel {name} takes {len(sig) - 1} arguments, got {len(args)}")
+    fn = _native.kernel(name, "f32" if dtype == torch.float32 else "f64")
+    return int(fn(*(_convert(a) for a in args), torch.get_num_threads()))
+
+
+def _call_plain(name: str, *args: object) -> int:
+    sig = _native.PLAIN_SIGNATURES[name]
+    if len(args) != len(sig):
+        raise TypeError(f"kernel {name} takes {len(sig)} arguments, got {len(args)}")
+    return int(_native.kernel(name)(*(_convert(a) for a in args)))
 
 
 def _flat_param(t: torch.Tensor, x: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, int]:
@@ -150,22 +261,32 @@ def _flat_param(t: torch.Tensor, x: torch.Tensor, num_pairs: int) -> tuple[torch
     return t.reshape(-1, num_pairs).contiguous(), num_pairs
 
 
-def _raise_index(rc: int, n: int) -> None:
-    if rc == -1:
-        raise IndexError(f"pair indices `i`/`j` must lie in [0, {n}) (the rows of `x`)")
+def _raise_rc(rc: int, ii: torch.Tensor, jj: torch.Tensor, n: int) -> None:
     if rc != 0:
-        raise RuntimeError(f"native Givens kernel failed with code {rc}")
+        raise _pair_error(rc, ii, jj, n)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` in the loop order of ``ref`` (rows or columns contiguous), copied only when they differ:
+    the strided kernels are fast for matching layouts and about 10x slower for mixed ones."""
+    if ref.stride(-1) == 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    if ref.stride(-1) != 1 and ref.stride(-2) == 1 and t.stride(-2) != 1:
+        return t.mT.contiguous().mT
+    return t
+
+
 # ----------------------------------------------------------------------------------------------------
 # torch path (any device, any dtype, any strides)
 
 
-def _torch_coefficients(x, g, i, j) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _torch_coefficients(
+    x: torch.Tensor, g: torch.Tensor, i: torch.Tensor, j: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_i, x_j, W)`` on the pairs; the gathered rows are reused by the fused step's rotation."""
     acc = _acc_dtype(x.dtype)
     xi, xj = x.index_select(-2, i).to(acc), x.index_select(-2, j).to(acc)
@@ -173,9 +294,16 @@ def _torch_coefficients(x, g, i, j) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return xi, xj, torch.linalg.vecdot(gi, xj) - torch.linalg.vecdot(xi, gj)
 
 
-def _torch_rotate_(x, i, j, theta, xi=None, xj=None) -> None:
+def _torch_rotate_(
+    x: torch.Tensor,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    theta: torch.Tensor,
+    xi: torch.Tensor | None = None,
+    xj: torch.Tensor | None = None,
+) -> None:
     acc = _acc_dtype(x.dtype)
-    if xi is None:
+    if xi is None or xj is None:
         xi, xj = x.index_select(-2, i).to(acc), x.index_select(-2, j).to(acc)
     theta = theta.to(acc)
     # increment form with c − 1 = −2 sin²(θ/2): cos θ rounds to 1 for small θ, and c·x + s·y would then
@@ -189,98 +317,131 @@ def _torch_rotate_(x, i, j, theta, xi=None, xj=None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# native path (CPU, float32/float64): each returns False when the layout needs the torch path
+
+
+def _native_coefficients(
+    x: torch.Tensor, g: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor
+) -> torch.Tensor | None:
+    g = _like_layout(g, x)
+    bx, bg = _batched_view(x), _batched_view(g)
+    if bx is None or bg is None:
+        return None
+    batch, n, num_pairs = bx[0], x.shape[-2], ii.numel()
+    out = torch.empty(batch, num_pairs, dtype=x.dtype)
+    rc = _call(
+        "coeffs", x.dtype, x, *bx[1:], g, *bg[1:], ii, jj, batch, n, num_pairs, x.shape[-1], out
+    )
+    _raise_rc(rc, ii, jj, n)
+    return out.view(*x.shape[:-2], num_pairs)
+
+
+def _native_rotate_(x: torch.Tensor, ii: torch.Tensor, jj: torch.Tensor, th: torch.Tensor) -> bool:
+    bx = _batched_view(x)
+    if bx is None:
+        return False
+    batch, n, num_pairs = bx[0], x.shape[-2], ii.numel()
+    flat, tbs = _flat_param(th, x, num_pairs)
+    rc = _call("rotate", x.dtype, x, *bx[1:], ii, jj, batch, n, num_pairs, x.shape[-1], flat, tbs)
+    _raise_rc(rc, ii, jj, n)
+    return True
+
+
+def _native_step_(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    ii: torch.Tensor,
+    jj: torch.Tensor,
+    lr: float,
+    sc: torch.Tensor | None,
+    y: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Fused coefficient + rotation (+ rotation of ``y`` by the same angles); ``None`` if the layout
+    does not allow it."""
+    g = _like_layout(g, x)
+    bx, bg = _batched_view(x), _batched_view(g)
+    if bx is None or bg is None:
+        return None
+    batch, n, num_pairs, k = bx[0], x.shape[-2], ii.numel(), x.shape[-1]
+    w = torch.empty(batch, num_pairs, dtype=x.dtype)
+    sflat, sbs = (None, 0) if sc is None else _flat_param(sc, x, num_pairs)
+    if y is None:
+        rc = _call(
+            "step", x.dtype, x, *bx[1:], g, *bg[1:], ii, jj, batch, n, num_pairs, k,
+            float(lr), sflat, sbs, w,
+        )  # fmt: skip
+    else:
+        by = _batched_view(y)
+        if by is None or bx[3] != 1 or by[3] != 1:
+            return None
+        rc = _call(
+            "step2", x.dtype, x, bx[1], bx[2], g, *bg[1:], y, by[1], by[2], ii, jj, batch, n,
+            num_pairs, k, float(lr), sflat, sbs, w,
+        )  # fmt: skip
+    _raise_rc(rc, ii, jj, n)
+    return w.view(*x.shape[:-2], num_pairs)
+
+
+# ----------------------------------------------------------------------------------------------------
 # public primitives
 
 
 @torch.no_grad()
-def pair_coefficients(x: torch.Tensor, g: torch.Tensor, i: IndexLike, j: IndexLike) -> torch.Tensor:
+def pair_coefficients(
+    x: torch.Tensor, g: torch.Tensor, i: IndexLike, j: IndexLike, *, check: bool = True
+) -> torch.Tensor:
     """Entries of the skew generator ``W = g xᵀ − x gᵀ`` on the given row pairs.
 
     Args:
         x: point, shape ``(..., n, k)`` (tall Stiefel convention; pass ``weight.mT`` for wide weights).
         g: Euclidean gradient (or any matrix) of the same shape, dtype and device.
         i, j: int64 ``(P,)`` row indices of disjoint pairs.
+        check: verify that the pairs form a matching (``i[p] ≠ j[p]``, no row twice; O(P + n), one
+            host sync off CPU). Indices are always range-checked (``IndexError``).
 
     Returns:
         ``(..., P)``: ``W[..., p] = ⟨g_i, x_j⟩ − ⟨x_i, g_j⟩`` with ``i = i[p]``, ``j = j[p]``; float32 for
         half-precision inputs, else the dtype of ``x``. Cost O(P·k); no n×n matrix is formed.
     """
     _check_pair_inputs(x, g)
-    ii, jj = _pairs(x, i, j)
-    n, num_pairs = x.shape[-2], ii.numel()
+    ii, jj = _pairs(x, i, j, check)
     if _use_native(x, g):
-        bx, bg = _batched_view(x), _batched_view(g)
-        if bx is not None and bg is not None:
-            _, batch, xbs, xrs, xcs = bx
-            _, _, gbs, grs, gcs = bg
-            out = torch.empty(batch, num_pairs, dtype=x.dtype)
-            fn = _kernel("coeffs", x)
-            rc = fn(
-                _ptr(x),
-                xbs,
-                xrs,
-                xcs,
-                _ptr(g),
-                gbs,
-                grs,
-                gcs,
-                _ptr(ii),
-                _ptr(jj),
-                batch,
-                n,
-                num_pairs,
-                x.shape[-1],
-                _ptr(out),
-                torch.get_num_threads(),
-            )
-            _raise_index(rc, n)
-            return out.view(*x.shape[:-2], num_pairs)
+        out = _native_coefficients(x, g, ii, jj)
+        if out is not None:
+            return out
+    _check_pairs(ii, jj, x.shape[-2], full=False)
     return _torch_coefficients(x, g, ii, jj)[2]
 
 
 @torch.no_grad()
 def rotate_pairs_(
-    x: torch.Tensor, i: IndexLike, j: IndexLike, theta: torch.Tensor | float
+    x: torch.Tensor,
+    i: IndexLike,
+    j: IndexLike,
+    theta: torch.Tensor | float,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Rotate the row pairs of ``x`` in place: ``x ← expm(Σ_p θ_p (E_ij − E_ji)) x``.
 
     Args:
-        x: ``(..., n, k)``, modified in place (any strides; contiguous rows or columns are fastest).
+        x: ``(..., n, k)``, modified in place (any strides without internal overlap; an expanded
+            tensor raises ``ValueError``; contiguous rows or columns are fastest).
         i, j: int64 ``(P,)`` indices of disjoint row pairs.
         theta: angles, ``(P,)`` shared over the batch or ``(..., P)`` per batch item (a float is broadcast).
+        check: verify that the pairs form a matching (see :func:`pair_coefficients`); ``False`` skips
+            it (indices are still range-checked). Overlapping pairs break orthogonality silently.
 
     Returns:
         ``x`` itself. For pair (i, j): ``x_i ← cos θ·x_i + sin θ·x_j``, ``x_j ← −sin θ·x_i + cos θ·x_j``.
         Not differentiable; see :func:`rotate_pairs`.
     """
-    _check_pair_inputs(x)
-    ii, jj = _pairs(x, i, j)
-    n, num_pairs = x.shape[-2], ii.numel()
-    th = _angles("theta", theta, x, num_pairs)
-    if _use_native(x):
-        bx = _batched_view(x)
-        if bx is not None:
-            _, batch, xbs, xrs, xcs = bx
-            flat, tbs = _flat_param(th, x, num_pairs)
-            fn = _kernel("rotate", x)
-            rc = fn(
-                _ptr(x),
-                xbs,
-                xrs,
-                xcs,
-                _ptr(ii),
-                _ptr(jj),
-                batch,
-                n,
-                num_pairs,
-                x.shape[-1],
-                _ptr(flat),
-                tbs,
-                torch.get_num_threads(),
-            )
-            _raise_index(rc, n)
-            return x
-    _check_range(ii, jj, n)
+    _check_pair_inputs(x, writes=True)
+    ii, jj = _pairs(x, i, j, check)
+    th = _angles("theta", theta, x, ii.numel())
+    if _use_native(x) and _native_rotate_(x, ii, jj, th):
+        return x
+    _check_pairs(ii, jj, x.shape[-2], full=False)
     _torch_rotate_(x, ii, jj, th)
     return x
 
@@ -295,12 +456,13 @@ def givens_step_(
     *,
     scale: torch.Tensor | None = None,
     co_rotate: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Fused descent step on a matching: ``W = pair_coefficients(x, g, i, j)``, then rotate ``x`` in place
     by ``θ = −lr·W·scale``, i.e. ``x ← expm(−lr·W_M) x`` with ``W_M`` the generator restricted to the pairs.
 
     Args:
-        x: ``(..., n, k)`` point, modified in place.
+        x: ``(..., n, k)`` point, modified in place (no internal overlap).
         g: ``(..., n, k)`` Euclidean gradient (same dtype/device as ``x``).
         i, j: int64 ``(P,)`` disjoint row pairs.
         lr: step size.
@@ -308,131 +470,359 @@ def givens_step_(
             estimate of the full step).
         co_rotate: optional ``(..., n, k)`` tensor (e.g. a momentum buffer; may be ``g`` itself) rotated
             in place by the same angles, in the same pass on CPU when rows are contiguous.
+        check: verify that the pairs form a matching (see :func:`pair_coefficients`).
 
     Returns:
         ``W`` on the pairs, ``(..., P)`` (computed before the rotation). One pass over the rows on CPU.
+        For several matchings driven by one gradient, :func:`givens_steps_` does them in one pass.
     """
-    _check_pair_inputs(x, g)
-    ii, jj = _pairs(x, i, j)
+    _check_pair_inputs(x, g, writes=True)
+    if co_rotate is not None:
+        _check_pair_inputs(x, co_rotate, "co_rotate")
+        if _overlaps(co_rotate):
+            raise ValueError(
+                f"`co_rotate` is written in place but has internally overlapping memory (strides "
+                f"{co_rotate.stride()}); pass a clone"
+            )
+    ii, jj = _pairs(x, i, j, check)
     n, num_pairs = x.shape[-2], ii.numel()
     sc = None if scale is None else _angles("scale", scale, x, num_pairs)
-    if co_rotate is not None:
-        _check_pair_inputs(x, co_rotate)
-        w = _step_co_rotate(x, g, co_rotate, ii, jj, lr, sc)
+    if _use_native(x, g):
+        w = _native_step_(x, g, ii, jj, lr, sc, co_rotate)
         if w is not None:
             return w
-        w = givens_step_(x, g, ii, jj, lr, scale=sc)
-        theta = -lr * w if sc is None else -lr * w * sc.to(w.dtype)
-        rotate_pairs_(co_rotate, ii, jj, theta)
-        return w
-    if _use_native(x, g):
-        bx, bg = _batched_view(x), _batched_view(g)
-        if bx is not None and bg is not None:
-            _, batch, xbs, xrs, xcs = bx
-            _, _, gbs, grs, gcs = bg
-            w = torch.empty(batch, num_pairs, dtype=x.dtype)
-            sflat, sbs = (None, 0) if sc is None else _flat_param(sc, x, num_pairs)
-            fn = _kernel("step", x)
-            rc = fn(
-                _ptr(x),
-                xbs,
-                xrs,
-                xcs,
-                _ptr(g),
-                gbs,
-                grs,
-                gcs,
-                _ptr(ii),
-                _ptr(jj),
-                batch,
-                n,
-                num_pairs,
-                x.shape[-1],
-                float(lr),
-                _ptr(sflat),
-                sbs,
-                _ptr(w),
-                torch.get_num_threads(),
-            )
-            _raise_index(rc, n)
-            return w.view(*x.shape[:-2], num_pairs)
-    _check_range(ii, jj, n)
+        if co_rotate is g and (sc is None or sc.dim() == 1):
+            # the optimizers' case (the driver rotated with x) in a layout the one-pass kernel above
+            # does not walk (e.g. the .mT of a wide weight): the fused kernel's tiles, one pass
+            return _fused_single_(x, g, ii, jj, lr, sc)
+        if co_rotate is not None:  # layout without a one-pass kernel: two passes
+            w = givens_step_(x, g, ii, jj, lr, scale=sc, check=False)
+            theta = -lr * w if sc is None else -lr * w * sc.to(w.dtype)
+            rotate_pairs_(co_rotate, ii, jj, theta, check=False)
+            return w
+    _check_pairs(ii, jj, n, full=False)
     xi, xj, w = _torch_coefficients(x, g, ii, jj)
     theta = -lr * w if sc is None else -lr * w * sc.to(w.dtype)
     _torch_rotate_(x, ii, jj, theta, xi, xj)
+    if co_rotate is not None:
+        _torch_rotate_(co_rotate, ii, jj, theta)
     return w
 
 
-def _step_co_rotate(x, g, y, ii, jj, lr, sc) -> torch.Tensor | None:
-    """Native one-pass step that also rotates ``y``; ``None`` when the layout does not allow it."""
-    if not _use_native(x, g, y) or y.dtype != x.dtype:
-        return None
-    bx, bg, by = _batched_view(x), _batched_view(g), _batched_view(y)
-    if bx is None or bg is None or by is None or bx[4] != 1 or by[4] != 1:
-        return None
-    _, batch, xbs, xrs, _ = bx
-    _, _, gbs, grs, gcs = bg
-    _, _, ybs, yrs, _ = by
-    n, num_pairs = x.shape[-2], ii.numel()
+def _fused_single_(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ii: torch.Tensor,
+    jj: torch.Tensor,
+    lr: float,
+    sc: torch.Tensor | None,
+) -> torch.Tensor:
+    """``givens_step_(x, y, i, j, lr, scale=sc, co_rotate=y)`` through the fused kernel (m = 1, heavy
+    ball without buffer update); returns ``W``."""
+    xw, sx = _kernel_layout(x)
+    yw, sy = _kernel_layout(y)
+    n, num_pairs, batch = x.shape[-2], ii.numel(), math.prod(x.shape[:-2])
+    off = torch.tensor([0, num_pairs], dtype=torch.int64)
+    scale = None if sc is None else sc.to(x.dtype).contiguous()
     w = torch.empty(batch, num_pairs, dtype=x.dtype)
-    sflat, sbs = (None, 0) if sc is None else _flat_param(sc, x, num_pairs)
-    fn = _kernel("step2", x)
-    rc = fn(
-        _ptr(x),
-        xbs,
-        xrs,
-        _ptr(g),
-        gbs,
-        grs,
-        gcs,
-        _ptr(y),
-        ybs,
-        yrs,
-        _ptr(ii),
-        _ptr(jj),
-        batch,
-        n,
-        num_pairs,
-        x.shape[-1],
-        float(lr),
-        _ptr(sflat),
-        sbs,
-        _ptr(w),
-        torch.get_num_threads(),
-    )
-    _raise_index(rc, n)
+    rc = _call(
+        "steps", x.dtype, xw, *sx, yw, *sy, yw, *sy, ii, jj, off, 1, batch, n, x.shape[-1],
+        float(lr), scale, 1, 0, 0.0, 1.0, w,
+    )  # fmt: skip
+    _raise_rc(rc, ii, jj, n)
+    if xw is not x:
+        x.copy_(xw)
+    if yw is not y:
+        y.copy_(yw)
     return w.view(*x.shape[:-2], num_pairs)
 
 
-def _check_range(i: torch.Tensor, j: torch.Tensor, n: int) -> None:
-    # index_select raises on CPU but not always clearly on accelerators; this costs one small reduction
-    both = torch.cat([i, j])
-    if both.numel() and (both.min() < 0 or both.max() >= n):
-        raise IndexError(f"pair indices `i`/`j` must lie in [0, {n}) (the rows of `x`)")
+# ----------------------------------------------------------------------------------------------------
+# several matchings in one pass
+
+
+def _rounds(rounds: object, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``rounds`` as a list of ``(i, j)`` int64 index tensors."""
+    if isinstance(rounds, torch.Tensor):
+        if rounds.dim() != 3 or rounds.shape[-1] != 2:
+            raise ValueError(
+                f"`rounds` must have shape (m, P, 2) (m matchings of P pairs), got {tuple(rounds.shape)}"
+            )
+        return [(_index("i", r[:, 0], device), _index("j", r[:, 1], device)) for r in rounds]
+    if not isinstance(rounds, Sequence):
+        raise TypeError(
+            f"`rounds` must be an (m, P, 2) integer tensor or a sequence of (i, j) pairs, got "
+            f"{type(rounds).__name__}"
+        )
+    out = []
+    for s, r in enumerate(rounds):
+        if hasattr(r, "i") and hasattr(r, "j"):  # a graph_sampling.Matching
+            r = (r.i, r.j)
+        if not isinstance(r, (tuple, list)) or len(r) != 2:
+            raise TypeError(
+                f"`rounds[{s}]` must be a pair (i, j) of index tensors, got {type(r).__name__}"
+            )
+        ii, jj = _index(f"rounds[{s}][0]", r[0], device), _index(f"rounds[{s}][1]", r[1], device)
+        if ii.shape != jj.shape:
+            raise ValueError(
+                f"`rounds[{s}]`: `i` and `j` must have the same length, got {ii.numel()} and {jj.numel()}"
+            )
+        out.append((ii, jj))
+    return out
+
+
+def _scales(
+    scales: object, mats: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor
+) -> list[torch.Tensor | None]:
+    if scales is None:
+        return [None] * len(mats)
+    if isinstance(scales, torch.Tensor):
+        scales = list(scales) if scales.dim() == 2 else [scales]
+    if not isinstance(scales, Sequence) or len(scales) != len(mats):
+        raise ValueError(
+            f"`scales` must be None, an (m, P) tensor or a sequence of m = {len(mats)} tensors/None, got "
+            f"{type(scales).__name__} of length {len(scales) if isinstance(scales, Sequence) else '-'}"
+        )
+    out: list[torch.Tensor | None] = []
+    for s, (sc, (ii, _)) in enumerate(zip(scales, mats)):
+        if sc is None:
+            out.append(None)
+            continue
+        if not isinstance(sc, torch.Tensor) or not sc.is_floating_point():
+            raise TypeError(f"`scales[{s}]` must be a floating tensor or None, got {sc!r}")
+        if sc.shape != (ii.numel(),):
+            raise ValueError(
+                f"`scales[{s}]` must have shape (P,) = ({ii.numel()},) (shared over the batch), got "
+                f"{tuple(sc.shape)}"
+            )
+        out.append(sc.to(x.device))
+    return out
+
+
+def _steps_torch(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    mats: list[tuple[torch.Tensor, torch.Tensor]],
+    scs: list[torch.Tensor | None],
+    lr: float,
+    buf: torch.Tensor | None,
+    mu: float,
+    dampening: float,
+    nesterov: bool,
+    update_buffer: bool,
+) -> None:
+    """Reference: the sequential loop of ``optim/sgd.py`` (one :func:`givens_step_` per matching)."""
+    if buf is not None and update_buffer:
+        buf.mul_(mu).add_(g, alpha=1 - dampening)
+    for (ii, jj), sc in zip(mats, scs):
+        if buf is None:
+            givens_step_(x, g, ii, jj, lr, scale=sc, check=False)
+        elif nesterov:
+            w = pair_coefficients(x, g, ii, jj, check=False) + mu * pair_coefficients(
+                x, buf, ii, jj, check=False
+            )
+            theta = -lr * w if sc is None else -lr * w * sc.to(w.dtype)
+            rotate_pairs_(x, ii, jj, theta, check=False)
+            rotate_pairs_(buf, ii, jj, theta, check=False)
+        else:
+            givens_step_(x, buf, ii, jj, lr, scale=sc, co_rotate=buf, check=False)
+
+
+def _kernel_layout(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t`` (or, for layouts the fused kernel cannot walk, one row-major copy) and its ``(batch, row,
+    column)`` strides. The kernel walks rows with column stride 1 directly and column-contiguous
+    matrices (e.g. the ``.mT`` of a wide weight) through cache-resident tiles; anything else (batched
+    column-major, doubly strided slices) is copied."""
+    view = _batched_view(t)
+    if view is not None:
+        batch, bs, rs, cs = view
+        if cs == 1 or (rs == 1 and batch == 1):
+            return t, (bs, rs, cs)
+    c = t.contiguous()
+    view = _batched_view(c)
+    assert view is not None
+    return c, view[1:]
+
+
+def _steps_native(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    mats: list[tuple[torch.Tensor, torch.Tensor]],
+    scs: list[torch.Tensor | None],
+    lr: float,
+    buf: torch.Tensor | None,
+    mu: float,
+    dampening: float,
+    nesterov: bool,
+    update_buffer: bool,
+) -> None:
+    xw, sx = _kernel_layout(x)
+    gw, sg = _kernel_layout(g)
+    bw, sb = (None, (0, 0, 1)) if buf is None else _kernel_layout(buf)
+    batch = math.prod(x.shape[:-2])
+    sizes = [ii.numel() for ii, _ in mats]
+    off = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+    ii_all = torch.cat([ii for ii, _ in mats]) if mats else torch.zeros(0, dtype=torch.int64)
+    jj_all = torch.cat([jj for _, jj in mats]) if mats else torch.zeros(0, dtype=torch.int64)
+    scale = None
+    if any(sc is not None for sc in scs):
+        scale = torch.cat(
+            [
+                torch.ones(ii.numel(), dtype=x.dtype) if sc is None else sc.to(x.dtype)
+                for sc, (ii, _) in zip(scs, mats)
+            ]
+        )
+    mode = 0 if bw is None else (2 if nesterov else 1)
+    rc = _call(
+        "steps", x.dtype, xw, *sx, gw, *sg, bw, *sb, ii_all, jj_all, off, len(mats), batch,
+        x.shape[-2], x.shape[-1], float(lr), scale, mode, int(update_buffer and bw is not None),
+        float(mu), float(1 - dampening), None,
+    )  # fmt: skip
+    if rc:
+        # locate the failing matching for the message (nothing was written)
+        for s, (ii, jj) in enumerate(mats):
+            _check_pairs(ii, jj, x.shape[-2], full=True, where=f" of rounds[{s}]")
+        raise _pair_error(rc, ii_all, jj_all, x.shape[-2])
+    if xw is not x:
+        x.copy_(xw)
+    if buf is not None and bw is not None and bw is not buf:
+        buf.copy_(bw)
+
+
+@torch.no_grad()
+def givens_steps_(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    rounds: torch.Tensor | Sequence[object],
+    lr: float,
+    *,
+    scales: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    momentum_buffer: torch.Tensor | None = None,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    update_buffer: bool = True,
+    check: bool = True,
+) -> torch.Tensor:
+    """``m`` successive Givens descent steps driven by one gradient, fused into one pass over the rows.
+
+    The result equals (up to float rounding; bitwise for the same per-pair arithmetic) the sequential
+    loop of ``OrthogonalSGD`` over the matchings ``M_1 … M_m`` of ``rounds`` with the single-matching
+    :func:`givens_step_` (that loop is the torch fallback used off CPU, for half precision, or without
+    the native kernel):
+
+    - no ``momentum_buffer``: for ``s = 1…m``, ``W⁽ˢ⁾_ij = ⟨g_i, x_j⟩ − ⟨x_i, g_j⟩`` on the current ``x``
+      and ``x ← expm(−lr·W⁽ˢ⁾_{M_s}) x`` (``g`` is fixed: ``givens_step_(x, g, i, j, lr, scale=…)``);
+    - heavy ball (``momentum_buffer=B``, ``nesterov=False``): first, if ``update_buffer``,
+      ``B ← μB + (1 − τ)G`` (``μ = momentum``, ``τ = dampening``; pass ``update_buffer=False`` on the
+      step that initialises ``B = G``); then for each ``s``: ``W⁽ˢ⁾`` from ``(x, B)`` and both ``x`` and
+      ``B`` rotated by ``θ = −lr·W⁽ˢ⁾·scale`` (``givens_step_(x, B, i, j, lr, scale=…, co_rotate=B)``:
+      the buffer is transported by every rotation);
+    - Nesterov: the same buffer update, then ``W⁽ˢ⁾ = W(x, G) + μ·W(x, B)`` (``G`` not rotated) and
+      ``x``, ``B`` rotated by ``θ = −lr·W⁽ˢ⁾·scale``.
+
+    Every step uses the rows as left by the previous one, so this is *not* one rotation by ``Σ_s W⁽ˢ⁾``.
+    ``OrthogonalAdam``'s first-moment update ``M ← β₁M + (1−β₁)G`` is the buffer update above with
+    ``μ = τ = β₁``, but its per-pair scale depends on per-row second moments refreshed between matchings
+    from ``W(x, G)`` on the current rows; that loop is not fused (it keeps one :func:`givens_step_` with
+    ``co_rotate`` per matching).
+
+    Args:
+        x: ``(..., n, k)`` point, modified in place (any layout without internal overlap; the kernel
+            works on rows, so a tensor whose rows are not contiguous, such as the ``.mT`` of a wide
+            weight, is processed through one row-major copy per call).
+        g: ``(..., n, k)`` Euclidean gradient (same shape/dtype/device as ``x``); read only.
+        rounds: the ``m`` matchings: an ``(m, P, 2)`` integer tensor (``rounds[s, p] = (i, j)``) or a
+            sequence of ``(i, j)`` index pairs (or ``Matching`` objects), possibly of different lengths.
+            Batched ``x`` shares the matchings over the batch.
+        lr: step size ``η``.
+        scales: optional per-pair multipliers: an ``(m, P)`` tensor or a sequence of ``(P_s,)`` tensors /
+            ``None`` (e.g. ``1/(m·p_e)`` of an unbiased sampler), shared over the batch.
+        momentum_buffer: optional ``(..., n, k)`` buffer ``B`` (same shape/dtype/device), updated and
+            rotated in place. May not alias ``g``.
+        momentum, dampening: ``μ`` and ``τ`` of the buffer update (torch.optim.SGD's convention).
+        nesterov: use ``W(x, G) + μ·W(x, B)`` as the driving coefficients (needs ``momentum_buffer``).
+        update_buffer: apply ``B ← μB + (1 − τ)G`` before the matchings.
+        check: verify that every round is a matching of ``[0, n)`` (``i ≠ j``, no row twice). The native
+            kernel always verifies this (O(mP)) before writing anything; ``check=False`` only skips the
+            separate check of the torch path (indices are still range-checked there).
+
+    Returns:
+        ``x``. Cost O(m·P·k) work; on CPU (float32/float64) x, g and B are read and written about once
+        (rows stay in cache across the matchings for the round-robin schedule; OpenMP threads). The
+        kernel validates every round before writing anything. Column-major operands go through tiles of
+        16 rows from a per-thread scratch pool (kept between calls, up to ``3·n·(k + 16)`` elements; for
+        the round-robin schedule only a few tiles are touched).
+    """
+    _check_pair_inputs(x, g, writes=True)
+    lr = check_real("lr", lr)
+    mu = check_real("momentum", momentum, minimum=0.0)
+    tau = check_real("dampening", dampening)
+    check_bool("nesterov", nesterov)
+    check_bool("update_buffer", update_buffer)
+    check_bool("check", check)
+    buf = momentum_buffer
+    if buf is not None:
+        _check_pair_inputs(x, buf, "momentum_buffer")
+        if _overlaps(buf):
+            raise ValueError("`momentum_buffer` has internally overlapping memory; pass a clone")
+        if buf.data_ptr() == g.data_ptr() and buf.numel() > 0:
+            raise ValueError(
+                "`momentum_buffer` must not alias `g` (the buffer is rotated, `g` is not)"
+            )
+    elif nesterov:
+        raise ValueError("`nesterov=True` needs a `momentum_buffer`")
+    mats = _rounds(rounds, x.device)
+    scs = _scales(scales, mats, x)
+    n = x.shape[-2]
+    if x.numel() == 0:
+        for s, (ii, jj) in enumerate(mats):
+            _check_pairs(ii, jj, n, full=check, where=f" of rounds[{s}]")
+        return x
+    if _use_native(x, g):
+        _steps_native(x, g, mats, scs, lr, buf, mu, tau, nesterov, update_buffer)
+        return x
+    for s, (ii, jj) in enumerate(mats):
+        _check_pairs(ii, jj, n, full=check, where=f" of rounds[{s}]")
+    _steps_torch(x, g, mats, scs, lr, buf, mu, tau, nesterov, update_buffer)
+    return x
 
 
 class _RotatePairs(torch.autograd.Function):
-    """y = R(θ) x on disjoint pairs. Backward: dx = R(−θ) dy, dθ_p = ⟨dy_i, y_j⟩ − ⟨y_i, dy_j⟩."""
+    """y = R(θ) x on disjoint pairs. Backward: dx = R(−θ) dy, dθ_p = ⟨dy_i, y_j⟩ − ⟨y_i, dy_j⟩.
+
+    When a graph of the gradient is requested (``create_graph=True``: gradient penalties, Hessian-vector
+    products) the same formulas run through differentiable ops; the saved output ``y`` carries the
+    dependence on ``x`` and ``θ`` back through this Function, so derivatives of any order are exact.
+    """
 
     @staticmethod
-    def forward(ctx, x, theta, i, j):  # type: ignore[override]
+    def forward(ctx, x, theta, i, j):
         y = x.detach().clone(memory_format=torch.contiguous_format)
-        rotate_pairs_(y, i, j, theta.detach())
+        rotate_pairs_(y, i, j, theta.detach(), check=False)
         ctx.save_for_backward(y, theta, i, j)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):  # type: ignore[override]
+    def backward(ctx, gy):
         y, theta, i, j = ctx.saved_tensors
         gx = gtheta = None
-        gy = gy.contiguous()
-        if ctx.needs_input_grad[0]:
-            gx = rotate_pairs_(gy.clone(), i, j, -theta)
-        if ctx.needs_input_grad[1]:
-            gtheta = pair_coefficients(y, gy, i, j).to(theta.dtype)
-            if theta.dim() < gtheta.dim():
-                gtheta = gtheta.sum_to_size(theta.shape)
+        if torch.is_grad_enabled():  # double backward requested: differentiable ops
+            if ctx.needs_input_grad[0]:
+                gx = rotate_pairs_autograd(gy, i, j, -theta)
+            if ctx.needs_input_grad[1]:
+                acc = _acc_dtype(y.dtype)
+                yi, yj = y.index_select(-2, i).to(acc), y.index_select(-2, j).to(acc)
+                gi, gj = gy.index_select(-2, i).to(acc), gy.index_select(-2, j).to(acc)
+                gtheta = ((gi * yj).sum(-1) - (yi * gj).sum(-1)).to(theta.dtype)
+        else:
+            gy = gy.contiguous()
+            if ctx.needs_input_grad[0]:
+                gx = rotate_pairs_(gy.clone(), i, j, -theta, check=False)
+            if ctx.needs_input_grad[1]:
+                gtheta = pair_coefficients(y, gy, i, j, check=False).to(theta.dtype)
+        if gtheta is not None and theta.dim() < gtheta.dim():
+            gtheta = gtheta.sum_to_size(theta.shape)
         return gx, gtheta, None, None
 
 
@@ -440,7 +830,7 @@ def functorch_active() -> bool:
     """True inside ``torch.func`` transforms (grad, vjp, jvp, vmap), where custom autograd Functions
     without ``setup_context`` cannot run and higher-order derivatives are needed: the library then uses
     plain differentiable torch ops instead of its analytic backward passes."""
-    return bool(torch._C._are_functorch_transforms_active())
+    return functorch_transforms_active()
 
 
 def rotate_pairs_autograd(
@@ -460,22 +850,30 @@ def rotate_pairs_autograd(
 
 
 def rotate_pairs(
-    x: torch.Tensor, i: IndexLike, j: IndexLike, theta: torch.Tensor | float
+    x: torch.Tensor,
+    i: IndexLike,
+    j: IndexLike,
+    theta: torch.Tensor | float,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Differentiable, out-of-place :func:`rotate_pairs_`: returns ``expm(Σ_p θ_p (E_ij − E_ji)) x``.
 
     Args:
         x: ``(..., n, k)``.
         i, j: int64 ``(P,)`` disjoint row pairs.
-        theta: ``(P,)`` or ``(..., P)`` angles; gradients flow to ``x`` and ``theta``. The analytic
-            backward is first order; inside ``torch.func`` transforms (e.g. bilevel hypergradients)
-            plain differentiable ops are used instead (:func:`rotate_pairs_autograd`).
+        theta: ``(P,)`` or ``(..., P)`` angles; gradients flow to ``x`` and ``theta``, to any order
+            (the analytic backward switches to differentiable ops when ``create_graph=True``); inside
+            ``torch.func`` transforms (e.g. bilevel hypergradients) plain differentiable ops are used
+            throughout (:func:`rotate_pairs_autograd`).
+        check: verify that the pairs form a matching (see :func:`pair_coefficients`).
 
     Returns:
         ``(..., n, k)`` rotated copy. Memory: one copy of ``x`` saved for backward.
     """
     _check_pair_inputs(x)
-    ii, jj = _pairs(x, i, j)
+    ii, jj = _pairs(x, i, j, check)
+    _check_pairs(ii, jj, x.shape[-2], full=False)
     th = _angles("theta", theta, x, ii.numel())
     if not th.is_floating_point() or th.dtype != x.dtype:
         th = th.to(x.dtype) if x.dtype in (torch.float32, torch.float64) else th.float()

@@ -16,14 +16,19 @@ Conventions shared by every method:
   ``A = ũ xᵀ − x ũᵀ``, ``ũ = u − ½ x (xᵀu)``, which satisfies ``A x = u`` for tangent ``u``
   (:func:`skew_generator`). ``Q`` is the Cayley transform, the matrix exponential or one round-robin sweep
   of Givens rotations. Since ``Q(A)`` is orthogonal with determinant +1, these keep ``XᵀX = I`` to
-  rounding and never leave SO(d). ``A = U Vᵀ`` has rank ``≤ 2k``, so for tall points (``2k < n``) the Cayley
-  and exponential retractions use ``2k × 2k`` / ``4k × 4k`` systems and cost ``O(nk² + k³)`` instead of
-  geoopt's ``O(n³)`` ``n × n`` solve.
-- float16/bfloat16 inputs are computed in float32 and cast back (LAPACK has no half precision).
+  rounding and never leave SO(d). ``A = U Vᵀ`` has rank ``≤ 2k``, so for tall points (``2k < n``,
+  ``4k < n`` for the exponential) the Cayley and exponential retractions use ``2k × 2k`` systems (the
+  exponential: in the orthonormal basis of ``span[x, ũ]``) and cost ``O(nk² + k³)`` instead of geoopt's
+  ``O(n³)`` ``n × n`` solve.
+- float16/bfloat16 inputs are computed in float32 and cast back (LAPACK has no half precision); the
+  shared rules live in :mod:`orthotorch._numerics` (docs/design.md, "Dtypes and devices").
+- Batch dimensions of ``u``/``v`` broadcast against those of ``x`` (geoopt's convention); every result
+  is contiguous row-major (docs/design.md, "Memory layout").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +36,10 @@ import torch
 from geoopt.manifolds.stiefel import Stiefel as _GeooptStiefel
 from geoopt.tensor import ManifoldTensor
 
+from orthotorch._numerics import compute_dtype, det_sign, haar, qr_sign_fixed
 from orthotorch._validation import check_floating, check_generator, check_tensor, describe
+from orthotorch.graph_sampling import round_robin
+from orthotorch.manifolds.givens import pair_coefficients, rotate_pairs_, rotate_pairs_autograd
 
 __all__ = [
     "METRICS",
@@ -48,7 +56,6 @@ RETRACTIONS: tuple[str, ...] = ("qr", "cayley", "expm", "givens_sweep", "polar")
 #: Metrics selectable with ``metric=``.
 METRICS: tuple[str, ...] = ("euclidean", "canonical")
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: Largest ``batch·n²`` for which the Givens sweep forms the dense generator to read its angles.
 _DENSE_GENERATOR_LIMIT = 1 << 24
 _ROUND_ROBIN_CACHE: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -58,18 +65,21 @@ _ROUND_ROBIN_CACHE: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]
 # helpers
 
 
-def det_sign(x: torch.Tensor) -> torch.Tensor:
-    """Sign of ``det x`` for square ``(..., d, d)`` via ``slogdet`` (O(d³)).
+def _resolution(dtype: torch.dtype) -> float:
+    """Smallest meaningful tolerance of an orthogonality check in ``dtype``: ``4·eps``.
 
-    ``torch.linalg.det`` in float32 returns ``-0.0``/``0.0`` for orthogonal matrices from d ≈ 512 on
-    (torch 2.13, CPU), so its sign is useless there; ``slogdet`` keeps the sign exact. Half-precision
-    inputs are computed in float32 (LAPACK has no bfloat16/float16 kernels).
+    A Haar point rounded to float16/bfloat16 has ``max |XᵀX − I|`` up to about ``eps`` (3e-4 / 3e-3);
+    for float32/float64 this is far below the default ``atol + rtol = 2e-5`` and changes nothing.
     """
-    return torch.linalg.slogdet(x.to(_compute_dtype(x.dtype)))[0]
+    return 4.0 * torch.finfo(dtype).eps
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+def _broadcastable(a: Sequence[int], b: Sequence[int]) -> bool:
+    try:
+        torch.broadcast_shapes(tuple(a), tuple(b))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _sym(a: torch.Tensor) -> torch.Tensor:
@@ -136,25 +146,67 @@ def _expm_apply(x: torch.Tensor, u: torch.Tensor, z: torch.Tensor) -> torch.Tens
     """``expm(A) z`` for the generator ``A`` of ``(x, u)``; ``z`` is ``(..., n, m)``."""
     n, k = x.shape[-2], x.shape[-1]
     if 4 * k < n:
-        # expm(UVᵀ) = I + U φ(VᵀU) Vᵀ with φ(B) = Σ_j B^j/(j+1)!, read off the top-right block of
-        # expm([[B, I], [0, 0]]) (a 4k × 4k exponential).
-        big_u, big_v = _lowrank(x, u)
-        b = big_v.mT @ big_u
-        m = 2 * k
-        block = torch.zeros(*b.shape[:-2], 2 * m, 2 * m, dtype=b.dtype, device=b.device)
-        block[..., :m, :m] = b
-        block[..., :m, m:] = _eye(m, b)
-        phi = torch.linalg.matrix_exp(block)[..., :m, m:]
-        return z + big_u @ (phi @ (big_v.mT @ z))
+        if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad or z.requires_grad):
+            return _expm_lowrank_smooth(x, u, z)
+        return _expm_lowrank_exact(x, u, z)
     return torch.linalg.matrix_exp(skew_generator(x, u)) @ z
+
+
+def _expm_lowrank_exact(x: torch.Tensor, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``expm(A) z`` through an orthonormal basis of ``span[x, ũ]``: on the manifold for any step size.
+
+    Householder QR ``[x, ũ] = Q R`` gives ``Q`` ``(..., n, 2k)`` with orthonormal columns (to rounding,
+    whatever the rank) and ``A = Q M Qᵀ`` with the ``2k × 2k`` skew ``M = R_ũ R_xᵀ − R_x R_ũᵀ``, so
+    ``expm(A) z = z + Q (expm(M) − I) Qᵀ z``. ``expm(M)`` is formed in float64 (a ``2k × 2k``
+    exponential; float32 loses orthogonality like ``eps·‖M‖``), so the orthogonality error of the
+    result is a few ulps of the working dtype for every ``‖u‖``. O(nk² + k³). Not used under
+    autograd: the QR backward is singular where ``[x, ũ]`` is rank deficient (``u = 0`` for one).
+    """
+    k = x.shape[-1]
+    ut = _half_u(x, u)
+    q, r = torch.linalg.qr(torch.cat([x, ut], dim=-1))
+    c = r[..., k:] @ r[..., :k].mT
+    wide = torch.float64 if x.device.type != "mps" else x.dtype  # MPS has no float64
+    e = torch.linalg.matrix_exp((c - c.mT).to(wide))
+    e = e - torch.eye(2 * k, dtype=wide, device=x.device)
+    return z + q @ (e.to(z.dtype) @ (q.mT @ z))
+
+
+def _expm_lowrank_smooth(x: torch.Tensor, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``expm(A) z`` in ops that are smooth everywhere (any derivative order): the autograd path.
+
+    ``expm(UVᵀ) = I + U φ(VᵀU) Vᵀ`` with ``φ(B) = Σ_j B^j/(j+1)!``, read off the top-right block of
+    ``expm([[B, I], [0, 0]])`` (a 4k × 4k exponential), and the factors balanced, ``U = [ũ/s, x]``,
+    ``V = [s x, −ũ]`` with ``s = max(1, ‖ũ‖_F)`` (detached: ``UVᵀ = A`` for every ``s``, so its derivative
+    is exactly zero). Without the balancing ``VᵀU`` is non-normal like ``‖u‖²`` and float32 results
+    leave the manifold like ``eps·‖u‖²``; balanced and with the exponential in float64, like
+    ``eps·‖u‖/10`` (1e-5 at ``‖u‖ = 1e4`` in float32; the exact no-grad path does not drift at all).
+    """
+    k = x.shape[-1]
+    ut = _half_u(x, u)
+    s = torch.linalg.vector_norm(ut.detach(), dim=(-2, -1), keepdim=True).clamp_min(1.0)
+    big_u = torch.cat([ut / s, x], dim=-1)
+    big_v = torch.cat([s * x, -ut], dim=-1)
+    b = big_v.mT @ big_u
+    m = 2 * k
+    eye = _eye(m, b).expand_as(b)
+    block = torch.cat(
+        [
+            torch.cat([b, eye], dim=-1),
+            torch.zeros(*b.shape[:-2], m, 2 * m, dtype=b.dtype, device=b.device),
+        ],
+        dim=-2,
+    )
+    # float64 (MPS has none): 10× less drift of float32 results
+    wide = torch.float64 if x.device.type != "mps" else x.dtype
+    phi = torch.linalg.matrix_exp(block.to(wide))[..., :m, m:].to(b.dtype)
+    return z + big_u @ (phi @ (big_v.mT @ z))
 
 
 def _round_robin_pairs(n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     key = (n, str(device))
     pairs = _ROUND_ROBIN_CACHE.get(key)
     if pairs is None:
-        from orthotorch.graph_sampling import round_robin
-
         pairs = [(m.i.to(device), m.j.to(device)) for m in round_robin(n, device=device)]
         if len(_ROUND_ROBIN_CACHE) > 64:
             _ROUND_ROBIN_CACHE.clear()
@@ -164,8 +216,6 @@ def _round_robin_pairs(n: int, device: torch.device) -> list[tuple[torch.Tensor,
 
 def _givens_apply(x: torch.Tensor, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """One round-robin sweep of Givens rotations with angles ``θ_ij = A_ij`` applied to rows of ``z``."""
-    from orthotorch.manifolds.givens import pair_coefficients, rotate_pairs, rotate_pairs_
-
     n = x.shape[-2]
     if n < 2:
         return z.clone()
@@ -175,13 +225,14 @@ def _givens_apply(x: torch.Tensor, u: torch.Tensor, z: torch.Tensor) -> torch.Te
         x.requires_grad or u.requires_grad or z.requires_grad
     )
     if differentiable:
-        # angles by plain torch ops so that autograd sees them; rotations by the autograd Function
+        # angles and rotations in plain torch ops: differentiable to any order (the analytic backward of
+        # givens.rotate_pairs is first order only, and its second derivative is silently zero)
         out = z
         for i, j in rounds:
             theta = torch.linalg.vecdot(ut.index_select(-2, i), x.index_select(-2, j)) - (
                 torch.linalg.vecdot(x.index_select(-2, i), ut.index_select(-2, j))
             )
-            out = rotate_pairs(out, i, j, theta)
+            out = rotate_pairs_autograd(out, i, j, theta)
         return out
     with torch.no_grad():
         # all angles come from the starting point (A is fixed), then the rotations are applied in order
@@ -195,14 +246,6 @@ def _givens_apply(x: torch.Tensor, u: torch.Tensor, z: torch.Tensor) -> torch.Te
         for (i, j), theta in zip(rounds, thetas):
             rotate_pairs_(out, i, j, theta)
     return out
-
-
-def _qr_sign_fixed(a: torch.Tensor) -> torch.Tensor:
-    """Q of the reduced QR of ``a`` ``(..., n, k)`` with ``diag(R) ≥ 0`` (Q·diag(sign(diag R)))."""
-    q, r = torch.linalg.qr(a)
-    d = torch.diagonal(r, dim1=-2, dim2=-1).sign()
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    return q * d.unsqueeze(-2)
 
 
 def _polar(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,8 +289,10 @@ class Stiefel(_GeooptStiefel):
               projection.
             - ``"cayley"``: ``(I − ½A)⁻¹(I + ½A) x``; ``O(nk² + k³)`` via a ``2k × 2k`` solve when
               ``2k < n`` (an ``n × n`` solve otherwise). Transport: the same rotation applied to ``v``.
-            - ``"expm"``: ``expm(A) x``, the exact canonical-metric geodesic; ``O(nk² + k³)`` via a
-              ``4k × 4k`` exponential when ``4k < n`` (``O(n³)`` otherwise). Transport: rotation.
+            - ``"expm"``: ``expm(A) x``, the exact canonical-metric geodesic; ``O(nk² + k³)`` when
+              ``4k < n`` via the QR of ``[x, ũ]`` and a ``2k × 2k`` exponential in float64, which stays
+              on the manifold for any step size (under autograd: a balanced ``4k × 4k`` form,
+              differentiable to any order); ``O(n³)`` otherwise. Transport: rotation.
             - ``"givens_sweep"``: one sweep of Givens rotations over the round-robin 1-factorisation of
               the ``n`` rows with angles ``θ_ij = A_ij`` (a first-order approximation of ``expm(A) x``),
               ``O(n²k)``, no factorisation at all. Transport: rotation.
@@ -256,11 +301,13 @@ class Stiefel(_GeooptStiefel):
             All are deterministic; ``R_x(0) = x`` and ``dR_x(0) = id``.
 
     Shapes: points and tangent vectors ``(..., n, k)``; :meth:`inner` returns ``(...)`` (or
-    ``(..., 1, 1)`` with ``keepdim=True``).
+    ``(..., 1, 1)`` with ``keepdim=True``). As in geoopt, the batch dimensions of ``u``/``v`` broadcast
+    against those of ``x`` (the matrix shapes must match). Every returned point or vector is contiguous
+    (row-major). :attr:`reversible` is ``True`` for ``cayley`` and ``expm`` (geoopt's samplers need it).
+    Point and tangent checks use the tolerance ``max(atol + rtol, 4·eps(dtype))``.
     """
 
     ndim = 2
-    reversible = False
     _square = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Stiefel:
@@ -300,6 +347,18 @@ class Stiefel(_GeooptStiefel):
     # ------------------------------------------------------------------ description
 
     @property
+    def reversible(self) -> bool:  # geoopt declares a class attribute (None); this overrides it
+        """Whether ``retr_transp`` is reversible: ``R_y(−T(u)) = x`` and ``T(−T(u)) = −u`` at ``y = R_x(u)``.
+
+        True for ``cayley`` and ``expm``: ``Q(A)`` is a function of ``A`` that commutes with it and
+        ``Q(−A) = Q(A)⁻¹``, and the generator at ``y = Q x`` of the transported step ``−Q u`` is
+        ``−Q A Qᵀ = −A``, so the same rotation is undone exactly. False for the others (``qr``/``polar``
+        transport by projection, the Givens sweep's rotations do not commute). geoopt's samplers
+        (``geoopt.samplers.RHMC``, ``SGRHMC``, ``RSGLD``) require it.
+        """
+        return self.retraction in ("cayley", "expm")
+
+    @property
     def canonical(self) -> bool:
         """Whether the canonical metric is used."""
         return self.metric == "canonical"
@@ -336,11 +395,11 @@ class Stiefel(_GeooptStiefel):
     ) -> tuple[bool, str | None]:
         if not x.is_floating_point():
             return False, f"`x` must be floating point, got {describe(x)}"
-        xc = x.to(_compute_dtype(x.dtype))
+        xc = x.to(compute_dtype(x.dtype))
         if not bool(torch.isfinite(xc).all()):
             return False, "`x` has non-finite entries"
         err = (xc.mT @ xc - _eye(x.shape[-1], xc)).abs()
-        tol = atol + rtol
+        tol = max(atol + rtol, _resolution(x.dtype))
         worst = float(err.max()) if err.numel() else 0.0
         if worst > tol:
             return False, f"`x` is off the manifold: max |XᵀX − I| = {worst:.3g} > {tol:.3g}"
@@ -349,14 +408,15 @@ class Stiefel(_GeooptStiefel):
     def _check_vector_on_tangent(
         self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
     ) -> tuple[bool, str | None]:
-        if x.shape != u.shape:
+        if x.shape[-2:] != u.shape[-2:] or not _broadcastable(x.shape, u.shape):
             return (
                 False,
-                f"`u` must have the same shape as `x` {tuple(x.shape)}, got {tuple(u.shape)}",
+                f"`u` must have the shape of `x` {tuple(x.shape)} (batch dimensions may broadcast), "
+                f"got {tuple(u.shape)}",
             )
         if not u.is_floating_point():
             return False, f"`u` must be floating point, got {describe(u)}"
-        cd = _compute_dtype(x.dtype)
+        cd = compute_dtype(x.dtype)
         xc, uc = x.to(cd), u.to(cd)
         if not bool(torch.isfinite(uc).all()):
             return False, "`u` has non-finite entries"
@@ -364,10 +424,25 @@ class Stiefel(_GeooptStiefel):
         err = (s + s.mT).abs()
         worst = float(err.max()) if err.numel() else 0.0
         scale = float(uc.abs().max()) if uc.numel() else 0.0
-        tol = atol + rtol * scale
+        tol = max(
+            atol + rtol * scale, _resolution(torch.promote_types(x.dtype, u.dtype)) * (1 + scale)
+        )
         if worst > tol:
             return False, f"`u` is not tangent at `x`: max |xᵀu + uᵀx| = {worst:.3g} > {tol:.3g}"
         return True, None
+
+    def assert_check_point(self, x: torch.Tensor) -> None:
+        """geoopt's shape check (run by :class:`geoopt.ManifoldTensor` / ``ManifoldParameter``), raising
+        ``ValueError`` with our message (e.g. the remedy for wide weights) instead of geoopt's wrapper."""
+        ok, reason = self._check_shape(tuple(x.shape), "x")
+        if not ok:
+            raise ValueError(f"{reason} [{self.name}({self.extra_repr()})]")
+
+    def assert_check_vector(self, u: torch.Tensor) -> None:
+        """geoopt's shape check of a tangent vector, with our message (see :meth:`assert_check_point`)."""
+        ok, reason = self._check_shape(tuple(u.shape), "u")
+        if not ok:
+            raise ValueError(f"{reason} [{self.name}({self.extra_repr()})]")
 
     def _point(self, name: str, x: object) -> torch.Tensor:
         """Validate type, dtype and shape of a point-shaped argument (cheap, no device sync)."""
@@ -382,20 +457,36 @@ class Stiefel(_GeooptStiefel):
     def _pair(
         self, x: object, name: str, u: object, *, base: str = "x"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate a point ``base`` and a same-shaped, same-dtype companion ``name``."""
+        """Validate a point ``base`` and a same-dtype companion ``name`` of the same matrix shape.
+
+        Batch dimensions broadcast as in geoopt (``u`` ``(n, k)`` against ``x`` ``(b, n, k)`` or the
+        other way round); both are returned expanded (views) to the common shape.
+        """
         xt = self._point(base, x)
         check_tensor(name, u)
         assert isinstance(u, torch.Tensor)
         check_floating(name, u)
-        if u.shape != xt.shape:
-            raise ValueError(
-                f"`{name}` must have the same shape as `{base}` {tuple(xt.shape)}, got {describe(u)}"
-            )
         if u.dtype != xt.dtype:
             raise TypeError(
                 f"`{name}` must have the same dtype as `{base}` ({xt.dtype}), got {describe(u)}"
             )
-        return xt, u
+        if u.shape == xt.shape:
+            return xt, u
+        if u.dim() < 2 or u.shape[-2:] != xt.shape[-2:] or not _broadcastable(xt.shape, u.shape):
+            raise ValueError(
+                f"`{name}` must have the shape of `{base}` {tuple(xt.shape)} (batch dimensions may "
+                f"broadcast), got {describe(u)}"
+            )
+        shape = torch.broadcast_shapes(xt.shape, u.shape)
+        return xt.expand(shape), u.expand(shape)
+
+    def _triple(
+        self, x: object, u: object, v: object
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_pair` for a point and two companions ``u``, ``v``, all broadcast together."""
+        xt, ut = self._pair(x, "u", u)
+        xt, vt = self._pair(xt, "v", v)
+        return xt, ut.expand(xt.shape), vt
 
     def assert_point(self, x: torch.Tensor, *, atol: float = 1e-5) -> None:
         """Raise ``ValueError`` unless ``x`` ``(..., n, k)`` lies on the manifold within ``atol``.
@@ -428,9 +519,9 @@ class Stiefel(_GeooptStiefel):
             ``(..., n, k)`` point. Cost: one thin SVD, O(nk²).
         """
         x = self._point("x", x)
-        cd = _compute_dtype(x.dtype)
+        cd = compute_dtype(x.dtype)
         q, _, _ = _polar(x.to(cd))
-        return q.to(x.dtype)
+        return q.to(x.dtype).contiguous()
 
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection onto the tangent space at ``x``: ``u − x sym(xᵀu)``.
@@ -477,11 +568,11 @@ class Stiefel(_GeooptStiefel):
         Returns:
             ``(...)`` or ``(..., 1, 1)``.
         """
-        x, u = self._pair(x, "u", u)
         if v is None:
+            x, u = self._pair(x, "u", u)
             v = u
         else:
-            _, v = self._pair(x, "v", v)
+            x, u, v = self._triple(x, u, v)
         out = (u * v).sum(dim=(-2, -1), keepdim=keepdim)
         if self.canonical:
             xu = x.mT @ u
@@ -503,7 +594,7 @@ class Stiefel(_GeooptStiefel):
 
     def _retr_impl(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.retraction == "qr":
-            return self._fix_component(_qr_sign_fixed(x + u))
+            return self._fix_component(qr_sign_fixed(x + u))
         if self.retraction == "polar":
             return self._fix_component(_polar(x + u)[0])
         return self._apply_rotation(x, u, x)
@@ -519,8 +610,8 @@ class Stiefel(_GeooptStiefel):
             ``(..., n, k)`` point. Deterministic; differentiable in ``x`` and ``u``.
         """
         x, u = self._pair(x, "u", u)
-        cd = _compute_dtype(x.dtype)
-        return self._retr_impl(x.to(cd), u.to(cd)).to(x.dtype)
+        cd = compute_dtype(x.dtype)
+        return self._retr_impl(x.to(cd), u.to(cd)).to(x.dtype).contiguous()
 
     def retr_transp(
         self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
@@ -538,9 +629,8 @@ class Stiefel(_GeooptStiefel):
         Returns:
             ``(y, v_transported)``, both ``(..., n, k)``.
         """
-        x, u = self._pair(x, "u", u)
-        _, v = self._pair(x, "v", v)
-        cd = _compute_dtype(x.dtype)
+        x, u, v = self._triple(x, u, v)
+        cd = compute_dtype(x.dtype)
         xc, uc, vc = x.to(cd), u.to(cd), v.to(cd)
         if self._rotation_based():
             k = x.shape[-1]
@@ -549,20 +639,17 @@ class Stiefel(_GeooptStiefel):
         else:
             y = self._retr_impl(xc, uc)
             w = vc - y @ _sym(y.mT @ vc)
-        return y.to(x.dtype), w.to(x.dtype)
+        return y.to(x.dtype).contiguous(), w.to(x.dtype).contiguous()
 
     def transp_follow_retr(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Transport ``v`` from ``x`` to ``R_x(u)`` (the second output of :meth:`retr_transp`)."""
         return self.retr_transp(x, u, v)[1]
 
     def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Vector transport by projection: ``proju(y, v)``, shapes ``(..., n, k)``; ``x`` is only checked."""
-        x = self._point("x", x)
+        """Vector transport by projection: ``proju(y, v)``, shapes ``(..., n, k)`` (batch dimensions
+        broadcast); ``x`` is only checked."""
+        _, y = self._pair(x, "y", y)
         y, v = self._pair(y, "v", v, base="y")
-        if x.shape != y.shape:
-            raise ValueError(
-                f"`y` must have the same shape as `x` {tuple(x.shape)}, got {describe(y)}"
-            )
         return v - y @ _sym(y.mT @ v)
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -581,11 +668,11 @@ class Stiefel(_GeooptStiefel):
             ``(..., n, k)`` point on the geodesic at time 1.
         """
         x, u = self._pair(x, "u", u)
-        cd = _compute_dtype(x.dtype)
+        cd = compute_dtype(x.dtype)
         xc, uc = x.to(cd), u.to(cd)
         n, k = x.shape[-2], x.shape[-1]
         if self.canonical or n == k:
-            return _expm_apply(xc, uc, xc).to(x.dtype)
+            return _expm_apply(xc, uc, xc).to(x.dtype).contiguous()
         uc = uc - xc @ _sym(xc.mT @ uc)
         a = xc.mT @ uc
         s = uc.mT @ uc
@@ -595,7 +682,7 @@ class Stiefel(_GeooptStiefel):
         w = torch.linalg.matrix_exp(torch.cat([top, bottom], dim=-2))
         z = torch.cat([torch.linalg.matrix_exp(-a), torch.zeros_like(a)], dim=-2)
         y = torch.cat([xc, uc], dim=-1) @ (w @ z)
-        return y.to(x.dtype)
+        return y.to(x.dtype).contiguous()
 
     def expmap_transp(
         self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
@@ -635,6 +722,10 @@ class Stiefel(_GeooptStiefel):
     ) -> ManifoldTensor:
         """A Haar-distributed random point: ``Q·diag(sign(diag R))`` of the QR of a Gaussian matrix.
 
+        Drawn and factorised in float64 (:func:`orthotorch._numerics.haar`), then rounded once to
+        ``dtype``, so a float16/bfloat16 point passes :meth:`check_point_on_manifold` (whose tolerance
+        is at least ``4·eps`` of the dtype). The result is contiguous (row-major) for every shape.
+
         Args:
             size: shape ``(..., n, k)`` as ints or one tuple; may be omitted when ``n`` and ``k`` are set.
             dtype: floating dtype (default: ``torch.get_default_dtype()``).
@@ -660,10 +751,14 @@ class Stiefel(_GeooptStiefel):
             raise ValueError(
                 f"`generator` is on {generator.device} but `device` is {device}; they must match"
             )
-        cd = _compute_dtype(dtype)
-        g = torch.randn(shape, generator=generator, dtype=cd, device=device)
-        q = self._fix_component(_qr_sign_fixed(g)) if g.numel() else g
-        return ManifoldTensor(q.to(dtype), manifold=self)
+        n, k = shape[-2], shape[-1]
+        if math.prod(shape) == 0:
+            q = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            wide = torch.float64 if device.type != "mps" else torch.float32
+            q = haar(n, k, generator=generator, dtype=wide, device=device, batch=shape[:-2])
+            q = self._fix_component(q).to(dtype)
+        return ManifoldTensor(q.contiguous(), manifold=self)
 
     def random(
         self,
@@ -764,15 +859,15 @@ class SpecialOrthogonalGroup(OrthogonalGroup):
             ``(..., d, d)`` with determinant +1, even when ``det x < 0``. Cost: SVD + determinant.
         """
         x = self._point("x", x)
-        cd = _compute_dtype(x.dtype)
+        cd = compute_dtype(x.dtype)
         q, u, vh = _polar(x.to(cd))
         if q.shape[-1] == 0:
-            return q.to(x.dtype)
+            return q.to(x.dtype).contiguous()
         sign = det_sign(q)
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
         # U diag(1, …, s) Vᵀ = UVᵀ + (s − 1) u_d v_dᵀ, with u_d, v_d the smallest singular pair
         corr = (sign - 1)[..., None, None] * (u[..., :, -1:] @ vh[..., -1:, :])
-        return (q + corr).to(x.dtype)
+        return (q + corr).to(x.dtype).contiguous()
 
     def _check_point_on_manifold(
         self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
@@ -780,7 +875,7 @@ class SpecialOrthogonalGroup(OrthogonalGroup):
         ok, reason = super()._check_point_on_manifold(x, atol=atol, rtol=rtol)
         if not ok:
             return ok, reason
-        sign = det_sign(x.to(_compute_dtype(x.dtype)))
+        sign = det_sign(x.to(compute_dtype(x.dtype)))
         if sign.numel() and bool((sign <= 0).any()):
             return False, "`x` is orthogonal but not a rotation: det(x) < 0"
         return True, None

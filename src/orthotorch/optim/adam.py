@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim.adam import adam as _torch_adam
-from torch.optim.optimizer import _get_scalar_dtype
 
+from orthotorch._compat import optimizer_step_dtype
+from orthotorch._numerics import compute_dtype
+from orthotorch._validation import check_bool, check_real
 from orthotorch.manifolds.givens import givens_step_, pair_coefficients
-from orthotorch.optim._base import GivensOptimizer, _check_number, _ParamInfo
+from orthotorch.optim._base import GivensOptimizer, _grad, _ParamInfo
+from orthotorch.optim._docs import fill_docstring
 
-__all__ = ["OrthogonalAdam"]
+__all__ = ["OrthogonalAdam", "OrthogonalAdamW"]
 
 
 class OrthogonalAdam(GivensOptimizer):
@@ -44,28 +47,46 @@ class OrthogonalAdam(GivensOptimizer):
     rescaling gives it a skew part, so the optimum is no longer a fixed point. On the d = 12 Procrustes
     test it stalled 4–6 % above the optimal loss even with full sweeps, while this variant converges.
     (geoopt's RiemannianAdam avoids it by rescaling the projected Riemannian gradient, at O(nk²).)
-    ``weight_decay`` (L2, as in torch Adam) is not applied to constrained weights: ``W(X, X) = 0``;
-    ``amsgrad`` keeps the running maximum of the per-row ``v``.
+    **Weight decay on constrained weights is zero, by design.** Coupled (L2, ``G + λX``) or decoupled
+    (AdamW, ``X ← (1 − lr·λ)X``), its Riemannian part vanishes on the manifold: ``‖X‖_F² = k`` is constant
+    there, the generator of ``G = λX`` is ``W(X, λX) = λ(XXᵀ − XXᵀ) = 0``, and the tangent projection of
+    ``X`` is zero. Shrinking X would only leave the manifold (and the next projection would undo it), so
+    constrained weights take exactly the step they take with ``weight_decay=0``; unconstrained parameters
+    get torch's decay (L2, or decoupled with ``decoupled_weight_decay=True`` / :class:`OrthogonalAdamW`).
+    On other geoopt manifolds the decay is the Riemannian gradient of ``λ/2‖p‖²``: added to the gradient
+    (coupled), or to the normalised direction (decoupled). ``amsgrad`` keeps the running maximum of the
+    per-row ``v``.
+
+    State: the constrained weight's ``row_sq``/``row_count``/``max_row_sq`` are kept in float32 for
+    float16/bfloat16 weights (float64 for float64), also across ``state_dict``/``load_state_dict``
+    (torch's loader would cast them to the weight's dtype; a bfloat16 count cannot pass 256).
 
     Args:
         params: parameters or param-group dicts (group keys as in :class:`OrthogonalSGD` plus Adam's).
-        lr: learning rate (≥ 0).
+        lr: learning rate (≥ 0; a float or a one-element tensor, kept a tensor as torch does).
         betas: ``(β₁, β₂)`` in ``[0, 1)``.
         eps: term added to the denominator (> 0).
-        weight_decay: L2 penalty (unconstrained and Riemannian parameters only).
+        weight_decay: decay factor λ (≥ 0; zero on constrained weights, see above).
         amsgrad: use the running maximum of ``v``.
-        maximize, sampler, matchings_per_step, unbiased, stabilize, generator, graph, nonfinite, foreach:
-            as in :class:`OrthogonalSGD` (default ``matchings_per_step=16``; the second moment is updated
-            once per matching).
+    {shared}{flags}        capturable: must be False (``ValueError`` for True: the constrained step reads the step count
+            on the host).
+        decoupled_weight_decay: AdamW's decay (``p ← p − lr·λ·p``) instead of L2 for unconstrained
+            parameters, as ``torch.optim.Adam(decoupled_weight_decay=True)``.
 
     Half precision (bfloat16/float16) works with angles in float32, but every rotation rounds at the
     weight's precision: set ``stabilize`` (e.g. 5–10) there.
     """
 
+    _state_keys: ClassVar[dict[str, tuple[str, ...]]] = {
+        "euclidean": ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+        "givens": ("step", "exp_avg", "row_sq", "row_count", "max_row_sq", "givens_steps"),
+        "riemannian": ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    }
+
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -80,6 +101,10 @@ class OrthogonalAdam(GivensOptimizer):
         graph: Any = None,
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+        capturable: bool = False,
+        decoupled_weight_decay: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -89,10 +114,10 @@ class OrthogonalAdam(GivensOptimizer):
             "amsgrad": amsgrad,
             "maximize": maximize,
             "foreach": foreach,
-            "fused": None,
-            "capturable": False,
-            "differentiable": False,
-            "decoupled_weight_decay": False,
+            "fused": fused,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "decoupled_weight_decay": decoupled_weight_decay,
             "sampler": sampler,
             "matchings_per_step": matchings_per_step,
             "unbiased": unbiased,
@@ -108,35 +133,73 @@ class OrthogonalAdam(GivensOptimizer):
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"`betas` ({where}) must be a pair (beta1, beta2), got {betas!r}")
-        for name, b in zip(("betas[0]", "betas[1]"), betas):
-            b = _check_number(f"{name} ({where})", b)
-            if b >= 1.0:
-                raise ValueError(f"`{name}` ({where}) must be in [0, 1), got {b}")
-        group["betas"] = (float(betas[0]), float(betas[1]))
-        eps = _check_number(f"eps ({where})", group["eps"])
-        if eps <= 0:
-            raise ValueError(f"`eps` ({where}) must be > 0, got {eps}")
-        group["eps"] = eps
-        group["weight_decay"] = _check_number(f"weight_decay ({where})", group["weight_decay"])
+        b1, b2 = (
+            check_real(f"{name} ({where})", b, minimum=0.0, maximum=1.0, max_inclusive=False)
+            for name, b in zip(("betas[0]", "betas[1]"), betas)
+        )
+        group["betas"] = (b1, b2)
+        group["eps"] = check_real(f"eps ({where})", group["eps"], minimum=0.0, min_inclusive=False)
+        group["weight_decay"] = check_real(
+            f"weight_decay ({where})", group["weight_decay"], minimum=0.0
+        )
+        check_bool(f"amsgrad ({where})", group["amsgrad"])
+        check_bool(f"decoupled_weight_decay ({where})", group["decoupled_weight_decay"])
 
-    def _init_state(self, p: torch.Tensor, amsgrad: bool) -> dict[str, Any]:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # older state dicts stored ``step`` as a number (as torch)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = self._step_tensor(p, group, float(p_state["step"]))
+
+    def _transports_moment(self, group: dict[str, Any]) -> bool:
+        return True
+
+    @staticmethod
+    def _step_tensor(p: torch.Tensor, group: dict[str, Any], value: float = 0.0) -> torch.Tensor:
+        """torch Adam's ``step`` tensor: on the host, except with ``fused`` (then on the parameter's device)."""
+        if group.get("fused"):
+            return torch.tensor(value, dtype=torch.float32, device=p.device)
+        return torch.tensor(value, dtype=optimizer_step_dtype())
+
+    def _init_state(
+        self, p: torch.Tensor, group: dict[str, Any], info: _ParamInfo | None = None
+    ) -> dict[str, Any]:
+        """The one place Adam's state is created: torch's layout for unconstrained and Riemannian
+        parameters; for a constrained weight (``info`` given) the ambient first moment plus the per-row
+        second moment ``row_sq`` ``(..., n)``, its per-row count ``row_count`` ``(n,)`` (and ``max_row_sq``
+        with amsgrad), in :func:`~orthotorch._numerics.compute_dtype`."""
         state = self.state[p]
-        if len(state) == 0 or "exp_avg" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+        amsgrad = group["amsgrad"]
+        if "exp_avg" not in state:
+            state["step"] = self._step_tensor(p, group)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if amsgrad:
+            if info is None:
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                rows = self._tall(p, info).shape[:-1]
+                acc = compute_dtype(p.dtype)
+                state["row_sq"] = torch.zeros(rows, dtype=acc, device=p.device)
+                state["row_count"] = torch.zeros(info.n, dtype=acc, device=p.device)
+        if amsgrad:  # also when amsgrad is switched on after some steps
+            if info is None and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif info is not None and "max_row_sq" not in state:
+                state["max_row_sq"] = state["row_sq"].clone()
         return state
 
     def _euclidean_update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         amsgrad = group["amsgrad"]
         grads, m1, m2, mx, steps = [], [], [], [], []
         for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("OrthogonalAdam does not support sparse gradients")
-            st = self._init_state(p, amsgrad)
-            grads.append(p.grad)
+            if _grad(p).is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (as torch.optim.Adam); "
+                    f"{self._info[p].name} has one"
+                )
+            st = self._init_state(p, group)
+            grads.append(_grad(p))
             m1.append(st["exp_avg"])
             m2.append(st["exp_avg_sq"])
             if amsgrad:
@@ -162,11 +225,11 @@ class OrthogonalAdam(GivensOptimizer):
             capturable=False,
             differentiable=False,
             fused=group["fused"],
-            decoupled_weight_decay=False,
+            decoupled_weight_decay=group["decoupled_weight_decay"],
         )
 
     def _givens_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
-        grad = p.grad
+        grad = _grad(p)
         if grad.dtype != p.dtype:
             grad = grad.to(p.dtype)
         if group["maximize"]:
@@ -176,20 +239,14 @@ class OrthogonalAdam(GivensOptimizer):
         state = self.state[p]
         x = self._tall(p.data, info)
         g = self._tall(grad, info)
-        acc = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-        if "exp_avg" not in state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["row_sq"] = torch.zeros(x.shape[:-1], dtype=acc, device=p.device)
-            state["row_count"] = torch.zeros(info.n, dtype=acc, device=p.device)
-            if amsgrad:
-                state["max_row_sq"] = torch.zeros(x.shape[:-1], dtype=acc, device=p.device)
+        acc = compute_dtype(p.dtype)
+        state = self._init_state(p, group, info)
         state["step"] += 1
         t = float(state["step"])  # CPU tensor: no device sync
         exp_avg = state["exp_avg"]
         exp_avg.lerp_(grad, 1 - beta1)
         m = self._tall(exp_avg, info)
-        step_size = group["lr"] / (1 - beta1**t)
+        step_size = float(group["lr"]) / (1 - beta1**t)
         row_sq, count = state["row_sq"], state["row_count"]
         for i, j, scale in self._matchings(info, group, x, m):
             # second moment per row from this matching's coefficients of the fresh gradient
@@ -213,14 +270,15 @@ class OrthogonalAdam(GivensOptimizer):
             givens_step_(x, m, i, j, step_size, scale=inv, co_rotate=m)
 
     def _riemannian_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
-        manifold = p.manifold
-        grad = p.grad
+        manifold = p.manifold  # type: ignore[attr-defined]  # a geoopt ManifoldParameter
+        grad = _grad(p)
         if group["maximize"]:
             grad = -grad
-        if group["weight_decay"] != 0:
-            grad = grad.add(p, alpha=group["weight_decay"])
+        wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
+        if wd != 0 and not decoupled:
+            grad = grad.add(p, alpha=wd)
         rgrad = manifold.egrad2rgrad(p.data, grad)
-        state = self._init_state(p, group["amsgrad"])
+        state = self._init_state(p, group)
         beta1, beta2 = group["betas"]
         state["step"] += 1
         t = float(state["step"])
@@ -233,6 +291,40 @@ class OrthogonalAdam(GivensOptimizer):
         else:
             denom = exp_avg_sq.div(1 - beta2**t).sqrt_()
         direction = exp_avg.div(1 - beta1**t) / denom.add_(group["eps"])
-        new_p, new_m = manifold.retr_transp(p.data, -group["lr"] * direction, exp_avg)
+        if wd != 0 and decoupled:
+            direction = direction + wd * manifold.egrad2rgrad(p.data, p.data)
+        new_p, new_m = manifold.retr_transp(p.data, -float(group["lr"]) * direction, exp_avg)
         p.data.copy_(new_p)
         exp_avg.copy_(new_m)
+
+
+class OrthogonalAdamW(OrthogonalAdam):
+    r"""``OrthogonalAdam`` with decoupled weight decay (``torch.optim.AdamW``'s defaults and update for
+    unconstrained parameters: ``weight_decay=1e-2``, ``p ← p − lr·λ·p``).
+
+    Constrained weights take no decay (the decoupled decay ``X ← (1 − lr·λ)X`` has no component along the
+    manifold; see :class:`OrthogonalAdam`), so they move exactly as with ``weight_decay=0``. Arguments as
+    :class:`OrthogonalAdam`; ``decoupled_weight_decay`` is always True.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not kwargs.pop("decoupled_weight_decay", True):
+            raise ValueError(
+                "OrthogonalAdamW always uses decoupled weight decay; use OrthogonalAdam for L2 decay "
+                "(got decoupled_weight_decay=False)"
+            )
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, **kwargs
+        )
+
+
+OrthogonalAdam.__doc__ = fill_docstring(OrthogonalAdam.__doc__)

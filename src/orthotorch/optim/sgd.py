@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim.sgd import sgd as _torch_sgd
 
-from orthotorch.manifolds.givens import givens_step_, pair_coefficients, rotate_pairs_
-from orthotorch.optim._base import GivensOptimizer, _check_number, _ParamInfo
+from orthotorch._validation import check_bool, check_real
+from orthotorch.manifolds.givens import givens_steps_
+from orthotorch.optim._base import GivensOptimizer, _grad, _ParamInfo
+from orthotorch.optim._docs import fill_docstring
 
 __all__ = ["OrthogonalSGD"]
 
@@ -22,8 +24,10 @@ class OrthogonalSGD(GivensOptimizer):
     float rounding at every step, at a cost of O(n·k) per matching (no n×n matrix on the default path).
 
     **Which parameters are constrained.** geoopt ``ManifoldParameter``\ s on any ``geoopt.manifolds.Stiefel``
-    subclass (geoopt's EuclideanStiefel/CanonicalStiefel, orthotorch's O(d)/SO(d)/St(n, k)), and plain
-    parameters in a param group with ``manifold="stiefel" | "orthogonal" | "so"``. A weight of shape
+    subclass (geoopt's EuclideanStiefel/CanonicalStiefel, orthotorch's O(d)/SO(d)/St(n, k)), plain
+    parameters marked ``p._orthotorch_manifold = "stiefel" | "orthogonal" | "so"`` (what modules set; see
+    :func:`~orthotorch.optim.param_groups`), and plain parameters in a param group with
+    ``manifold="stiefel" | "orthogonal" | "so"`` (the group option wins over the mark). A weight of shape
     ``(..., rows, cols)`` is rotated along its longer side: a wide weight (``rows < cols``, e.g.
     ``nn.Linear(in=d, out=k)`` with ``k < d``) is handled through its transpose ``p.mT``. ``"orthogonal"`` and
     ``"so"`` require square weights; ``"so"`` also checks ``det > 0`` once. Each constrained weight is
@@ -43,7 +47,10 @@ class OrthogonalSGD(GivensOptimizer):
 
     - ``"random"``: a uniform random perfect matching, O(n); every pair with probability 1/(n−1).
     - ``"round_robin"`` / ``"round_robin_shuffled"``: cycle the circle-method 1-factorisation, every pair
-      exactly once per n−1 matchings (shuffled: rows relabelled each cycle). O(n).
+      exactly once per n−1 matchings (shuffled: rows relabelled each cycle). O(n). With momentum (and
+      always in :class:`OrthogonalAdam`) ``"round_robin"`` relabels the rows each cycle too: a fixed
+      order forces the transported buffer periodically and, on tall weights, held the loss in a limit
+      cycle far from the optimum (docs/optim.md).
     - ``"greedy"``: greedy max-``|W|`` matching(s) on the dense generator ``W = D Xᵀ − X Dᵀ``: one n×n GEMM
       (O(n²k) time, O(n²) memory) plus O(n² log n) matching per step. ``matchings_per_step = m`` takes m
       successive greedy matchings of the same ``|W|`` with used pairs removed. Carries many times more of
@@ -60,8 +67,15 @@ class OrthogonalSGD(GivensOptimizer):
     group action, an isometry, and it maps the velocity's generator ``W(X, B)`` to ``R W Rᵀ``: a rotation
     about the velocity's own generator leaves the velocity unchanged, as inertia should. It costs one extra
     pass over the buffer per matching, and it lets every newly sampled pair use gradient information
-    accumulated over all pairs: on noisy minibatch problems it was the decisive lever (docs/optim.md). ``weight_decay`` is a no-op on constrained weights (``‖X‖_F² = k`` is
-    constant on the manifold; ``W(X, X) = 0``) and is applied only to the other parameters.
+    accumulated over all pairs: on noisy minibatch problems it was the decisive lever (docs/optim.md).
+    ``weight_decay`` is a no-op on constrained weights (``‖X‖_F² = k`` is constant on the manifold;
+    ``W(X, X) = 0``) and is applied only to the other parameters.
+
+    **Checkpoints and copies.** :meth:`state_dict` / :meth:`load_state_dict` resume bit-identically;
+    ``torch.optim.SGD`` and older state dicts load (missing options keep the group's value); state of
+    another shape or kind, or a saved group that changes ``manifold``, is refused with a ``ValueError``.
+    ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the optimizer keep the generator, step count and
+    samplers. :meth:`stabilize` projects every constrained weight back now.
 
     **Stabilisation.** ``stabilize=N`` re-projects each constrained weight by a sign-corrected QR
     (O(nk²)) every N of its steps. Without it float32 rounding drifts slowly (figures in docs/optim.md).
@@ -82,26 +96,13 @@ class OrthogonalSGD(GivensOptimizer):
     Args:
         params: parameters or param-group dicts. Group keys: ``manifold``, ``sampler``,
             ``matchings_per_step``, ``unbiased``, ``stabilize``, ``graph``, ``nonfinite`` and the SGD options.
-        lr: learning rate (≥ 0).
+        lr: learning rate (≥ 0; a float or a one-element tensor, as torch).
         momentum: momentum factor μ (≥ 0).
         dampening: dampening τ for momentum.
-        weight_decay: L2 penalty (unconstrained and Riemannian parameters only).
+        weight_decay: L2 penalty (unconstrained and Riemannian parameters only; zero on constrained
+            weights, see above).
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening = 0``).
-        maximize: maximise the objective instead.
-        sampler: one of ``"round_robin"`` (default: it beat ``"random"`` at equal cost on every square
-            problem of the benchmark and draws no random numbers), ``"random"``, ``"round_robin_shuffled"``,
-            ``"greedy"``, ``"colouring"``, ``"full"``.
-        matchings_per_step: m ≥ 1 matchings per step, all driven by the same gradient (each one O(nk)
-            pass). Default 16, chosen by ``benchmarks/optimizers.py``: one matching moves only about
-            1/(n−1) of the gradient, and m = 16 reached the targets fastest in wall clock in 6 of 7
-            problems (docs/optim.md). Use 1 for the cheapest possible step.
-        unbiased: scale angles by ``1/(m·p_e)`` so the expected step equals the full step ``−lr·W``.
-        stabilize: re-project every N steps (None: never).
-        generator: ``torch.Generator`` for the matchings (default: fixed seed, see above).
-        graph: allowed-pair graph for ``sampler="colouring"``.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"ignore"``.
-        foreach: forwarded to torch's SGD for unconstrained parameters.
-
+    {shared}{flags}
     Example::
 
         opt = OrthogonalSGD([
@@ -110,10 +111,16 @@ class OrthogonalSGD(GivensOptimizer):
         ], lr=1e-2, momentum=0.9)  # defaults: sampler="round_robin", matchings_per_step=16
     """
 
+    _state_keys: ClassVar[dict[str, tuple[str, ...]]] = {
+        "euclidean": ("momentum_buffer",),
+        "givens": ("momentum_buffer", "givens_steps"),
+        "riemannian": ("momentum_buffer",),
+    }
+
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
@@ -128,6 +135,8 @@ class OrthogonalSGD(GivensOptimizer):
         graph: Any = None,
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -137,8 +146,8 @@ class OrthogonalSGD(GivensOptimizer):
             "nesterov": nesterov,
             "maximize": maximize,
             "foreach": foreach,
-            "fused": None,
-            "differentiable": False,
+            "fused": fused,
+            "differentiable": differentiable,
             "sampler": sampler,
             "matchings_per_step": matchings_per_step,
             "unbiased": unbiased,
@@ -151,21 +160,25 @@ class OrthogonalSGD(GivensOptimizer):
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         super()._validate_group(group, index)
         where = f"param_groups[{index}]"
-        group["momentum"] = _check_number(f"momentum ({where})", group["momentum"])
-        group["dampening"] = _check_number(
-            f"dampening ({where})", group["dampening"], minimum=-float("inf")
+        group["momentum"] = check_real(f"momentum ({where})", group["momentum"], minimum=0.0)
+        group["dampening"] = check_real(f"dampening ({where})", group["dampening"])
+        group["weight_decay"] = check_real(
+            f"weight_decay ({where})", group["weight_decay"], minimum=0.0
         )
-        group["weight_decay"] = _check_number(f"weight_decay ({where})", group["weight_decay"])
+        check_bool(f"nesterov ({where})", group["nesterov"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 f"`nesterov=True` ({where}) requires momentum > 0 and dampening = 0, got "
                 f"momentum={group['momentum']}, dampening={group['dampening']}"
             )
 
+    def _transports_moment(self, group: dict[str, Any]) -> bool:
+        return bool(group["momentum"] != 0)
+
     # ------------------------------------------------------------------------------------------------
 
     def _euclidean_update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        grads = [p.grad for p in params]
+        grads = [_grad(p) for p in params]
         momentum = group["momentum"]
         bufs = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         _torch_sgd(
@@ -187,45 +200,53 @@ class OrthogonalSGD(GivensOptimizer):
                 self.state[p]["momentum_buffer"] = b
 
     def _givens_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
-        lr, mu = group["lr"], group["momentum"]
+        lr, mu = float(group["lr"]), group["momentum"]
         state = self.state[p]
-        grad = p.grad
+        grad = _grad(p)
         if grad.dtype != p.dtype:
             grad = grad.to(p.dtype)
         if group["maximize"]:
             grad = -grad
         x = self._tall(p.data, info)
         g = self._tall(grad, info)
-        buf_t = None
+        buf_t, update = None, False
         if mu != 0:
             buf_p = state.get("momentum_buffer")
             if buf_p is None:
                 buf_p = torch.clone(grad).detach()
                 state["momentum_buffer"] = buf_p
             else:
-                buf_p.mul_(mu).add_(grad, alpha=1 - group["dampening"])
+                update = True
             buf_t = self._tall(buf_p, info)
         nesterov = group["nesterov"]
         direction = None
         if group["sampler"] == "greedy":
+            # greedy matchings are read off the direction, so the buffer update happens first here
+            if update:
+                buf_p.mul_(mu).add_(grad, alpha=1 - group["dampening"])
+                update = False
             direction = g if buf_t is None else (g + mu * buf_t if nesterov else buf_t)
-        for i, j, scale in self._matchings(info, group, x, direction):
-            if buf_t is None:
-                givens_step_(x, g, i, j, lr, scale=scale)
-                continue
-            if nesterov:
-                w = pair_coefficients(x, g, i, j) + mu * pair_coefficients(x, buf_t, i, j)
-                theta = -lr * w if scale is None else -lr * w * scale.to(w.dtype)
-                rotate_pairs_(x, i, j, theta)
-                rotate_pairs_(buf_t, i, j, theta)
-            else:  # one pass: coefficients from the buffer, rotate the weight and the buffer
-                givens_step_(x, buf_t, i, j, lr, scale=scale, co_rotate=buf_t)
+        matchings = self._matchings(info, group, x, direction)
+        # one fused pass over the rows for all matchings (and the buffer update μB + (1 − τ)G)
+        givens_steps_(
+            x,
+            g,
+            [(i, j) for i, j, _ in matchings],
+            lr,
+            scales=[scale for _, _, scale in matchings],
+            momentum_buffer=buf_t,
+            momentum=mu,
+            dampening=group["dampening"],
+            nesterov=nesterov,
+            update_buffer=update,
+            check=False,
+        )
 
     def _riemannian_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
-        manifold = p.manifold
-        lr, mu = group["lr"], group["momentum"]
+        manifold = p.manifold  # type: ignore[attr-defined]  # a geoopt ManifoldParameter
+        lr, mu = float(group["lr"]), group["momentum"]
         state = self.state[p]
-        grad = p.grad
+        grad = _grad(p)
         if group["maximize"]:
             grad = -grad
         if group["weight_decay"] != 0:
@@ -244,3 +265,6 @@ class OrthogonalSGD(GivensOptimizer):
         new_p, new_buf = manifold.retr_transp(p.data, -lr * direction, buf)
         p.data.copy_(new_p)
         buf.copy_(new_buf)
+
+
+OrthogonalSGD.__doc__ = fill_docstring(OrthogonalSGD.__doc__)

@@ -13,19 +13,27 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from orthotorch._validation import check_choice, check_generator, check_positive_int
+
 __all__ = ["DigitsFewShot", "SinusoidTasks", "digits_mlp", "sinusoid_mlp"]
 
 
 def _check_gen(generator: object) -> torch.Generator:
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
-    return generator
+    """A required generator: ``TypeError`` for ``None`` or anything that is not a torch.Generator."""
+    gen = check_generator("generator", generator)
+    if gen is None:
+        raise TypeError(
+            "`generator` must be a torch.Generator (sampling never uses the global RNG), got None"
+        )
+    return gen
 
 
-def _pos_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
-    return value
+def _counts(n_tasks: object, shots: object, queries: object) -> tuple[int, int, int]:
+    return (
+        check_positive_int("n_tasks", n_tasks),
+        check_positive_int("shots", shots),
+        check_positive_int("queries", queries),
+    )
 
 
 def _load_digits() -> tuple[Tensor, Tensor]:
@@ -81,15 +89,10 @@ class DigitsFewShot:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
-        if class_split not in ("random", "digit"):
-            raise ValueError(f"`class_split` must be 'random' or 'digit', got {class_split!r}")
-        n_tf = {"none": 1, "rotations": 4, "dihedral": 8}.get(augment)
-        if n_tf is None:
-            raise ValueError(
-                f"`augment` must be 'none', 'rotations' or 'dihedral', got {augment!r}"
-            )
+        check_choice("split", split, ("train", "test"))
+        check_choice("class_split", class_split, ("random", "digit"))
+        check_choice("augment", augment, ("none", "rotations", "dihedral"))
+        n_tf = {"none": 1, "rotations": 4, "dihedral": 8}[augment]
         test = sorted({int(c) for c in test_classes})
         if not test or any(c < 0 or c > 9 for c in test) or len(test) == 10:
             raise ValueError(
@@ -130,16 +133,9 @@ class DigitsFewShot:
             ``(xs, ys, xq, yq)``: support images ``(T, ways·shots, 64)``, labels ``(T, ways·shots)``
             int64, query images ``(T, ways·queries, 64)``, labels ``(T, ways·queries)``.
         """
-        n_tasks, shots, queries = (
-            _pos_int(n, v)
-            for n, v in (("n_tasks", n_tasks), ("shots", shots), ("queries", queries))
-        )
+        n_tasks, shots, queries = _counts(n_tasks, shots, queries)
         _check_gen(generator)
-        if (
-            isinstance(ways, bool)
-            or not isinstance(ways, int)
-            or not 2 <= ways <= len(self.classes)
-        ):
+        if check_positive_int("ways", ways) < 2 or ways > len(self.classes):
             raise ValueError(
                 f"`ways` must be an int in [2, {len(self.classes)}] for the "
                 f"{self.split} split, got {ways!r}"
@@ -190,15 +186,11 @@ class SinusoidTasks:
         self, n_tasks: int, *, shots: int = 10, queries: int = 10, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Draw ``n_tasks`` tasks: ``(xs (T, shots, 1), ys (T, shots, 1), xq (T, queries, 1), yq)``."""
-        n_tasks, shots, queries = (
-            _pos_int(n, v)
-            for n, v in (("n_tasks", n_tasks), ("shots", shots), ("queries", queries))
-        )
-        _check_gen(generator)
-        kw = dict(generator=generator, dtype=torch.float64)
-        amp = 0.1 + 4.9 * torch.rand(n_tasks, 1, 1, **kw)
-        phase = math.pi * torch.rand(n_tasks, 1, 1, **kw)
-        x = -5.0 + 10.0 * torch.rand(n_tasks, shots + queries, 1, **kw)
+        n_tasks, shots, queries = _counts(n_tasks, shots, queries)
+        gen, f64 = _check_gen(generator), torch.float64
+        amp = 0.1 + 4.9 * torch.rand(n_tasks, 1, 1, generator=gen, dtype=f64)
+        phase = math.pi * torch.rand(n_tasks, 1, 1, generator=gen, dtype=f64)
+        x = -5.0 + 10.0 * torch.rand(n_tasks, shots + queries, 1, generator=gen, dtype=f64)
         y = amp * torch.sin(x - phase)
         x, y = (t.to(dtype=self.dtype, device=self.device) for t in (x, y))
         return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
