@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from orthotorch.apps import demo
 from orthotorch.apps.cli import main
 from orthotorch.apps.procrustes import run_demo as run_procrustes
@@ -56,3 +58,23 @@ def test_procrustes_demo_runs_small_and_keeps_constraints():
     assert ours.orth_error < 1e-4 and geo.orth_error < 1e-4
     assert ours.final_distance < 1.0  # it made progress towards Q*
     assert any("t→target" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--dim", "1"],
+        ["--dim", "0"],
+        ["--dim", "-4"],
+        ["--threads", "-1"],
+        ["--seconds", "nan"],
+        ["--seconds", "0"],
+        ["--batch", "0"],
+    ],
+)
+def test_procrustes_demo_rejects_bad_flags_with_exit_2(flags, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "procrustes", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flags[0] in err and "Traceback" not in err

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from orthotorch._numerics import det_sign
+from orthotorch.apps._argtypes import int_at_least, positive_real
+from orthotorch.optim import OrthogonalSGD
 
 __all__ = ["DemoResult", "register", "run_demo"]
 
@@ -33,8 +38,6 @@ class DemoResult:
 
 
 def _problem(d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from orthotorch.manifolds.stiefel import det_sign
-
     gen = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
     if det_sign(q) < 0:
@@ -126,8 +129,6 @@ def run_demo(
     """
     import geoopt
 
-    from orthotorch.optim import OrthogonalSGD
-
     q, w0 = _problem(d, seed)
 
     # The gradient of the regression loss is ≈ 2(W − Q*) at batch ≫ 1: step sizes are O(1) in d.
@@ -139,7 +140,7 @@ def run_demo(
 
     def riemannian(w0: torch.Tensor):
         p = _geoopt_param(w0)
-        return (lambda: p), geoopt.optim.RiemannianSGD([p], lr=0.05, momentum=0.9)
+        return (lambda: p), geoopt.optim.RiemannianSGD([p], lr=0.005, momentum=0.9)
 
     def parametrized(w0: torch.Tensor):
         layer = _torch_parametrized(w0)
@@ -184,7 +185,11 @@ def run_demo(
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_demo(args.dim, seconds=args.seconds, batch=args.batch, seed=args.seed)
+    try:
+        run_demo(args.dim, seconds=args.seconds, batch=args.batch, seed=args.seed)
+    except KeyboardInterrupt:
+        print("interrupted: the methods that finished are printed above", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -196,9 +201,13 @@ def register(subparsers: argparse._SubParsersAction, name: str = "procrustes") -
         description="Recover a hidden rotation from minibatches: orthotorch vs geoopt vs torch's parametrization.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dim", type=int, default=1024, help="matrix size d")
-    p.add_argument("--seconds", type=float, default=8.0, help="wall-clock budget per method")
-    p.add_argument("--batch", type=int, default=32, help="minibatch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the problem and the data")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--dim", type=int_at_least(2), default=1024, help="matrix size d")
+    p.add_argument(
+        "--seconds", type=positive_real, default=8.0, help="wall-clock budget per method"
+    )
+    p.add_argument("--batch", type=int_at_least(1), default=32, help="minibatch size")
+    p.add_argument(
+        "--seed", type=int_at_least(0), default=0, help="seed of the problem and the data"
+    )
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads")
     p.set_defaults(func=_cmd_demo)
