@@ -811,10 +811,7 @@ class _RotatePairs(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 gx = rotate_pairs_autograd(gy, i, j, -theta)
             if ctx.needs_input_grad[1]:
-                acc = _acc_dtype(y.dtype)
-                yi, yj = y.index_select(-2, i).to(acc), y.index_select(-2, j).to(acc)
-                gi, gj = gy.index_select(-2, i).to(acc), gy.index_select(-2, j).to(acc)
-                gtheta = ((gi * yj).sum(-1) - (yi * gj).sum(-1)).to(theta.dtype)
+                gtheta = _torch_coefficients(y, gy, i, j)[2].to(theta.dtype)
         else:
             gy = gy.contiguous()
             if ctx.needs_input_grad[0]:
