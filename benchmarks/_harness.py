@@ -103,8 +103,11 @@ def median_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
 
 
-def env_header() -> str:
-    """Markdown block with date, versions, thread count and device used for a benchmark run."""
+def env_header(extra: Sequence[str] = ()) -> str:
+    """Markdown block with date, versions, thread count and device used for a benchmark run.
+
+    ``extra``: more distributions whose versions go on the versions line (``-`` if not installed).
+    """
     from importlib import metadata
 
     def ver(dist: str) -> str:
@@ -126,7 +129,9 @@ def env_header() -> str:
     return (
         f"- date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n"
         f"- torch {torch.__version__}, geoopt {ver('geoopt')}, networkx {ver('networkx')}, "
-        f"python {platform.python_version()}\n"
+        f"python {platform.python_version()}"
+        + "".join(f", {dist} {ver(dist)}" for dist in extra)
+        + "\n"
         f"- CPU: {cpu} ({os.cpu_count()} logical cores), torch threads: {torch.get_num_threads()}\n"
         f"- GPU: {gpu}\n"
     )

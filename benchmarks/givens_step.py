@@ -9,15 +9,22 @@ Table 1 (one matching) times, on the same tensor shape in the same process:
 - ``torch path``: the same step through the vectorised gather/scatter torch path (the fallback);
 - ``qr``: Euclidean step then a QR retraction with sign fix (O(nk²));
 - ``geoopt``: ``geoopt.optim.RiemannianSGD`` on ``geoopt.EuclideanStiefel`` (projection + QR retraction).
-Table 2 (layouts): the fused default step (``givens_steps_``: 16 round-robin matchings with heavy-ball
-momentum, the work of one ``OrthogonalSGD(momentum=0.9)`` step) on a row-major weight/gradient/buffer,
-on column-major ones (what ``torch.linalg.qr`` returns), on mixed layouts, on a sliced weight, and on a
-wide weight (``nn.Linear`` storage ``(k, n)`` rotated through its ``.mT``) against the tall one.
+Table 2 (layouts): the steady-state ``OrthogonalSGD(momentum=0.9)`` and ``OrthogonalAdam`` step (after
+the first step, which re-lays out the weight, its gradient and moment) on a row-major weight/gradient, on
+column-major ones (what ``torch.linalg.qr`` returns), with a column-major gradient set by hand every
+step, on sliced weights (rows of a wider tensor; a transposed slice, which is left in place), and on a
+wide weight (``nn.Linear`` storage ``(k, n)`` rotated through its ``.mT``) against the tall one; each as a
+ratio to the row-major (tall) step in the same run, and the same ratio with the re-layout switched off.
+Then the one-time re-layout cost, and the whole training step of a wide ``F.linear`` layer (forward,
+backward, step) with the re-laid-out weight against the row-major ``nn.Linear`` storage kept.
 
 Table 3 (default step): the fused step with m = 16 and m = 1 matchings against ``torch.optim.SGD``
 (momentum 0.9), the sequential loop of 16 single-matching calls it replaces, and the fraction of memory
 bandwidth reached: bytes the step must move (read x, g, B; write x, B) per second, over the same for a
 ``torch.add_`` of equal bytes.
+Table 4 (Adam's default step): ``OrthogonalAdam.step()`` with m = 16 and m = 1 against
+``torch.optim.Adam.step()``, and the per-matching loop that the fused kernel (``givens_adam_steps_``)
+replaced.
 
 The machine this runs on is shared and loaded: tables 2 and 3 time the compared functions in alternation
 (``_harness.interleaved_times``) and report medians of per-round ratios; only ratios are meaningful.
@@ -27,8 +34,10 @@ Times are medians of repeats.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,10 +53,17 @@ from _harness import (
     write_doc,
 )
 from orthotorch.graph_sampling import random_matching, round_robin_matching
-from orthotorch.manifolds import _native
+from orthotorch.manifolds import _native, givens
 from orthotorch.manifolds.givens import givens_step_, givens_steps_
+from orthotorch.optim import OrthogonalAdam, OrthogonalSGD
+from orthotorch.optim import adam as adam_module
+from orthotorch.optim._base import GivensOptimizer
 
 MATCHINGS = 16  # OrthogonalSGD's default matchings_per_step
+# the Givens step on every shape measured here (tall weights may be routed to another step by default)
+GIVENS = (
+    {"tall_step": "givens"} if "tall_step" in inspect.signature(OrthogonalSGD).parameters else {}
+)
 MOMENTUM = 0.9
 
 
@@ -104,13 +120,15 @@ def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "row":
         return t.contiguous().clone()
     if kind == "col":
-        return torch.empty(t.shape[1], t.shape[0], dtype=t.dtype).copy_(t.mT).mT
-    if (
-        kind == "slice"
-    ):  # rows contiguous, row stride larger than the row (a column slice of a wider matrix)
+        return t.mT.contiguous().mT
+    if kind == "slice":  # rows contiguous, row stride larger than the row (rows of a wider tensor)
         big = torch.zeros(t.shape[0], t.shape[1] + 64, dtype=t.dtype)
         big[:, : t.shape[1]] = t
         return big[:, : t.shape[1]]
+    if kind == "slice_col":  # columns contiguous, column stride larger (a transposed slice)
+        big = torch.zeros(t.shape[1], t.shape[0] + 64, dtype=t.dtype)
+        big[:, : t.shape[0]] = t.mT
+        return big[:, : t.shape[0]].mT
     raise ValueError(kind)
 
 
@@ -119,45 +137,167 @@ def _fused(x, g, b, rounds, m=MATCHINGS):
     return lambda: givens_steps_(x, g, rs, 1e-3, momentum_buffer=b, momentum=MOMENTUM, check=False)
 
 
-def bench_layouts(d: int, wide: list[int], repeats: int, n_wide: int = 1024) -> list[list[object]]:
-    """Rows: layout, ratio of its fused-step time to the row-major one (same run, interleaved)."""
+def _opt_step(cls, x, g, *, hand_grad=None, **kw):
+    """``opt.step`` of a one-parameter optimizer in steady state (after its first step: re-layout,
+    buffer creation). ``hand_grad``: a gradient assigned by hand before every step (keeps its layout)."""
+    p = torch.nn.Parameter(x)
+    p.grad = g
+    extra = {"momentum": MOMENTUM} if cls is OrthogonalSGD else {}
+    opt = cls([{"params": [p], "manifold": "stiefel", **GIVENS}], lr=1e-3, **extra, **kw)
+    opt.step()
+    if hand_grad is None:
+        return opt.step
+
+    def step() -> None:
+        p.grad = hand_grad
+        opt.step()
+
+    return step
+
+
+class _no_relayout:
+    """Context: the optimizers' one-time re-layout switched off (the behaviour before it existed)."""
+
+    def __enter__(self):
+        self._saved = GivensOptimizer._ensure_row_layout
+        # marks the parameter done, so later steps outside the context keep the layout too
+        GivensOptimizer._ensure_row_layout = lambda self, p, info: setattr(info, "laid_out", True)
+
+    def __exit__(self, *exc):
+        GivensOptimizer._ensure_row_layout = self._saved
+
+
+def _med(samples: list[float]) -> float:
+    return sorted(samples)[len(samples) // 2]
+
+
+def bench_layouts(
+    d: int, wide: list[int], repeats: int, n_wide: int = 1024, relayout: bool = True
+) -> list[list[object]]:
+    """Rows: layout, steady-state optimizer step (ms), ratio to the row-major / tall step in the same
+    run (interleaved). ``relayout=False``: the same with the one-time re-layout switched off."""
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+    x0 = torch.linalg.qr(torch.randn(d, d, generator=gen))[0].contiguous()
     g0 = torch.randn(d, d, generator=gen) * 1e-3
-    b0 = torch.randn(d, d, generator=gen) * 1e-3
-    rounds = [round_robin_matching(d, r) for r in range(MATCHINGS)]
     cases = {
-        "row-major x, g, B": ("row", "row", "row"),
-        "column-major x, g, B": ("col", "col", "col"),
-        "x row, g column, B row": ("row", "col", "row"),
-        "x column, g row, B column": ("col", "row", "col"),
-        "sliced x, g, B": ("slice", "slice", "slice"),
+        "row-major x, g, B": lambda cls: _opt_step(cls, _layout(x0, "row"), _layout(g0, "row")),
+        "column-major x, g, B": lambda cls: _opt_step(cls, _layout(x0, "col"), _layout(g0, "col")),
+        "x row, g column (set by hand every step)": lambda cls: _opt_step(
+            cls, _layout(x0, "row"), _layout(g0, "row"), hand_grad=_layout(g0, "col")
+        ),
+        "sliced x (rows of a wider tensor), g": lambda cls: _opt_step(
+            cls, _layout(x0, "slice"), _layout(g0, "row")
+        ),
+        "sliced x (a transposed slice: not re-laid out), g": lambda cls: _opt_step(
+            cls, _layout(x0, "slice_col"), _layout(g0, "row")
+        ),
     }
-    fns = {}
-    for name, (lx, lg, lb) in cases.items():
-        fns[name] = _fused(_layout(x0, lx), _layout(g0, lg), _layout(b0, lb), rounds)
-    samples = interleaved_times(fns, repeats=repeats, min_time=0.05)
-    base = "row-major x, g, B"
     rows: list[list[object]] = []
-    for name in cases:
-        t = sorted(samples[name])[len(samples[name]) // 2]
-        rows.append([f"{d}×{d}: {name}", t * 1e3, median_ratio(samples, name, base)])
-    for k in wide:
-        n = n_wide
-        w0 = torch.linalg.qr(torch.randn(n, k, generator=gen))[0].mT.contiguous()  # (k, n) storage
-        gw = torch.randn(k, n, generator=gen) * 1e-3
-        bw = torch.randn(k, n, generator=gen) * 1e-3
-        tall = _fused(w0.mT.contiguous(), gw.mT.contiguous(), bw.mT.contiguous(), round_robin(n))
-        widef = _fused(w0.clone().mT, gw.mT, bw.clone().mT, round_robin(n))
-        s2 = interleaved_times({"tall": tall, "wide": widef}, repeats=repeats, min_time=0.05)
-        t = sorted(s2["wide"])[len(s2["wide"]) // 2]
+    ctx = _no_relayout() if not relayout else None
+    if ctx is not None:
+        ctx.__enter__()
+    try:
+        for cls in (OrthogonalSGD, OrthogonalAdam):
+            label = "SGD μ=0.9" if cls is OrthogonalSGD else "Adam"
+            fns = {name: make(cls) for name, make in cases.items()}
+            samples = interleaved_times(fns, repeats=repeats, min_time=0.05)
+            base = "row-major x, g, B"
+            for name in cases:
+                rows.append(
+                    [f"{label}, {d}×{d}: {name}", _med(samples[name]) * 1e3,
+                     median_ratio(samples, name, base)]
+                )  # fmt: skip
+            for k in wide:
+                n = n_wide
+                # tall (n, k) row-major (qr returns column-major: the trap measured above)
+                w0 = torch.linalg.qr(torch.randn(n, k, generator=gen))[0].contiguous()
+                gw = torch.randn(n, k, generator=gen) * 1e-3
+                # wide: nn.Linear(in=n, out=k) storage (k, n) row-major, gradient likewise
+                fns = {
+                    "tall": _opt_step(cls, w0.clone(), gw.clone()),
+                    "wide": _opt_step(cls, w0.mT.contiguous(), gw.mT.contiguous()),
+                }
+                s2 = interleaved_times(fns, repeats=repeats, min_time=0.05)
+                rows.append(
+                    [f"{label}, wide {k}×{n} (row-major storage) vs tall {n}×{k}",
+                     _med(s2["wide"]) * 1e3, median_ratio(s2, "wide", "tall")]
+                )  # fmt: skip
+    finally:
+        if ctx is not None:
+            ctx.__exit__()
+    return rows
+
+
+def bench_relayout_cost(d: int, repeats: int) -> dict[str, float]:
+    """The one-time re-layout of a column-major d×d weight with its gradient and momentum buffer (ms),
+    and its ratio to one steady-state ``OrthogonalSGD(momentum)`` step."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.linalg.qr(torch.randn(d, d, generator=gen))[0].contiguous()
+    g0 = torch.randn(d, d, generator=gen) * 1e-3
+    times = []
+    for _ in range(repeats):
+        p = torch.nn.Parameter(_layout(x0, "col"))
+        p.grad = _layout(g0, "col")
+        opt = OrthogonalSGD([{"params": [p], "manifold": "orthogonal"}], lr=1e-3, momentum=0.9)
+        opt.state[p]["momentum_buffer"] = _layout(g0, "col")
+        info = opt._info[p]
+        t0 = time.perf_counter()
+        opt._ensure_row_layout(p, info)
+        times.append(time.perf_counter() - t0)
+        assert p.is_contiguous() and p.grad.is_contiguous()
+    step = _opt_step(OrthogonalSGD, _layout(x0, "row"), _layout(g0, "row"))
+    t_step = median_time(step, repeats=repeats)
+    return {"relayout_ms": _med(times) * 1e3, "step_ms": t_step * 1e3}
+
+
+def _linear_train(
+    w0: torch.Tensor, inp: torch.Tensor, target: torch.Tensor, relayout: bool, with_step: bool
+):
+    """One training step of ``F.linear(inp, p)`` (MSE, backward, ``OrthogonalSGD(momentum)`` step) on a
+    wide weight ``p`` starting at ``w0`` (k, n), after a first step with or without the re-layout."""
+    p = torch.nn.Parameter(w0.clone())
+    opt = OrthogonalSGD(
+        [{"params": [p], "manifold": "stiefel", **GIVENS}], lr=1e-3, momentum=MOMENTUM
+    )
+
+    def train(step: bool = True) -> None:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(torch.nn.functional.linear(inp, p), target).backward()
+        if step:
+            opt.step()
+
+    if relayout:
+        train()
+    else:
+        with _no_relayout():
+            train()
+    assert p.mT.is_contiguous() == relayout
+    return lambda: train(with_step)
+
+
+def bench_training_step(
+    n: int, ks: list[int], repeats: int, batch: int = 256
+) -> list[list[object]]:
+    """Wide ``nn.Linear(in=n, out=k)`` training step (forward ``F.linear``, backward, optimizer step):
+    the weight re-laid out by the optimizer (``p.mT`` row-major, the default) against the row-major
+    ``nn.Linear`` storage kept (re-layout switched off). Also the forward + backward alone."""
+    gen = torch.Generator().manual_seed(0)
+    rows: list[list[object]] = []
+    for k in ks:
+        inp = torch.randn(batch, n, generator=gen)
+        target = torch.randn(batch, k, generator=gen)
+        w0 = torch.linalg.qr(torch.randn(n, k, generator=gen))[0].mT.contiguous()  # (k, n)
+        fns = {
+            "relaid": _linear_train(w0, inp, target, True, True),
+            "row": _linear_train(w0, inp, target, False, True),
+            "relaid_fb": _linear_train(w0, inp, target, True, False),
+            "row_fb": _linear_train(w0, inp, target, False, False),
+        }
+        s = interleaved_times(fns, repeats=repeats, min_time=0.05)
         rows.append(
-            [
-                f"wide {k}×{n} (tall view .mT) vs tall {n}×{k}",
-                t * 1e3,
-                median_ratio(s2, "wide", "tall"),
-            ]
-        )
+            [f"{k}×{n}, batch {batch}", _med(s["row"]) * 1e3, _med(s["relaid"]) * 1e3,
+             median_ratio(s, "row", "relaid"), median_ratio(s, "row_fb", "relaid_fb")]
+        )  # fmt: skip
     return rows
 
 
@@ -209,6 +349,68 @@ def bench_default_step(d: int, repeats: int) -> dict[str, float]:
     }
 
 
+def _adam_loop(x, g, m, rounds, step_size, *, row_sq, row_count, betas, eps, max_row_sq, scales,
+               update_moment, check):  # fmt: skip
+    """``givens_adam_steps_`` as it was before the fused kernel: one ``givens_step_`` per matching."""
+    mats = givens._rounds(rounds, x.device)
+    givens._adam_steps_torch(
+        x, g, m, mats, givens._scales(scales, mats, x), step_size, row_sq, row_count, max_row_sq,
+        *betas, eps, update_moment,
+    )  # fmt: skip
+
+
+def bench_default_adam(d: int, repeats: int) -> dict[str, float]:
+    """``OrthogonalAdam.step()`` (default 16 matchings, and 1) against ``torch.optim.Adam.step()`` on a
+    d×d float32 weight with a given gradient, and the per-matching loop the fused kernel replaced."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.linalg.qr(torch.randn(d, d, generator=gen))[0].contiguous()
+    g0 = torch.randn(d, d, generator=gen) * 1e-3
+
+    def opt_step(make):
+        p = torch.nn.Parameter(x0.clone())
+        p.grad = g0.clone()
+        opt = make(p)
+        opt.step()  # steady state: moments created
+        return opt.step
+
+    def orth(m):
+        return lambda p: OrthogonalAdam(
+            [{"params": [p], "manifold": "orthogonal"}], lr=1e-3, matchings_per_step=m
+        )
+
+    loop_step = opt_step(orth(MATCHINGS))
+
+    def loop() -> None:
+        saved = adam_module.givens_adam_steps_
+        adam_module.givens_adam_steps_ = _adam_loop
+        try:
+            loop_step()
+        finally:
+            adam_module.givens_adam_steps_ = saved
+
+    c1 = torch.randn(5 * d * d // 3, generator=gen)
+    c2 = torch.randn_like(c1)
+    fns = {
+        "adam": opt_step(lambda p: torch.optim.Adam([p], lr=1e-3)),
+        "orth16": opt_step(orth(MATCHINGS)),
+        "orth1": opt_step(orth(1)),
+        "loop16": loop,
+        "add": lambda: c1.add_(c2),
+    }
+    s = interleaved_times(fns, repeats=repeats, min_time=0.05)
+    med = {name: _med(v) for name, v in s.items()}
+    nbytes = 5 * d * d * 4  # read x, g, M; write x, M (float32); the per-row state is O(d)
+    add_bytes = 3 * c1.numel() * 4
+    return {
+        **{f"{name}_ms": t * 1e3 for name, t in med.items()},
+        "orth16/adam": median_ratio(s, "orth16", "adam"),
+        "orth1/adam": median_ratio(s, "orth1", "adam"),
+        "loop16/adam": median_ratio(s, "loop16", "adam"),
+        "bw_orth16": (nbytes / med["orth16"]) / (add_bytes / med["add"]),
+        "bw_adam": (7 * d * d * 4 / med["adam"]) / (add_bytes / med["add"]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, fewer repeats (≈1 minute)")
@@ -221,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         squares, talls, repeats, budget = [256, 512, 1024, 2048], [(4096, 64)], 5, 0.5
         layout_d, default_ds, rounds = 1024, [2048], 5
+        adam_ds = [256, 2048]
     else:
         squares, talls, repeats, budget = (
             [256, 512, 1024, 2048, 4096],
@@ -229,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             1.0,
         )
         layout_d, default_ds, rounds = 2048, [1024, 2048], 9
+        adam_ds = [256, 1024, 2048]
 
     print(env_header())
     print(f"native kernel: {_native.status()}\n")
@@ -281,10 +485,33 @@ def main(argv: list[str] | None = None) -> int:
     verdict.append(
         f"- log-log slope of the matching step time over d = {ds[0]}…{ds[-1]}: {slope:.2f} (d² is 2; target ≤ 2.2)."
     )
-    print("\nlayouts (fused default step, ratio to row-major in the same run):", flush=True)
+    print("\nlayouts (optimizer step, ratio to row-major / tall in the same run):", flush=True)
     lrows = bench_layouts(layout_d, [64, 256], rounds)
-    ltable = markdown_table(["layout", "fused step ms", "time / row-major"], lrows)
+    before = bench_layouts(layout_d, [64, 256], rounds, relayout=False)
+    lrows = [[*r, b[2]] for r, b in zip(lrows, before)]
+    ltable = markdown_table(
+        ["layout", "step ms", "time / row-major (or tall)", "without re-layout"], lrows
+    )
     print(ltable, flush=True)
+    cost = bench_relayout_cost(layout_d, rounds)
+    cost_line = (
+        f"One-time re-layout of a column-major {layout_d}×{layout_d} weight with its gradient and "
+        f"momentum buffer: {cost['relayout_ms']:.3g} ms = {cost['relayout_ms'] / cost['step_ms']:.2f} "
+        f"steady-state steps ({cost['step_ms']:.3g} ms)."
+    )
+    print(cost_line, flush=True)
+    trows = bench_training_step(1024, [64, 256], rounds)
+    ttable = markdown_table(
+        [
+            "wide weight k×n",
+            "row-major kept ms",
+            "re-laid out ms",
+            "step: row-major / re-laid out",
+            "forward + backward only: row-major / re-laid out",
+        ],
+        trows,
+    )
+    print(ttable, flush=True)
     drows = []
     for d in default_ds:
         r = bench_default_step(d, rounds)
@@ -320,6 +547,28 @@ def main(argv: list[str] | None = None) -> int:
         drows,
     )
     print(dtable, flush=True)
+    arows = []
+    for d in adam_ds:
+        r = bench_default_adam(d, rounds)
+        arows.append(
+            [f"{d}×{d}", r["adam_ms"], r["orth16_ms"], r["orth16/adam"], r["orth1_ms"],
+             r["orth1/adam"], r["loop16/adam"], r["bw_orth16"], r["bw_adam"]]
+        )  # fmt: skip
+    atable = markdown_table(
+        [
+            "shape",
+            "torch Adam ms",
+            f"OrthogonalAdam m={MATCHINGS} ms",
+            f"m={MATCHINGS} / Adam",
+            "m=1 ms",
+            "m=1 / Adam",
+            f"{MATCHINGS} per-matching passes / Adam",
+            f"bandwidth m={MATCHINGS}",
+            "bandwidth Adam",
+        ],
+        arows,
+    )
+    print(atable, flush=True)
     body = (
         "# Givens matching step vs SGD, QR retraction and geoopt\n\n"
         "Produced by `python benchmarks/givens_step.py"
@@ -335,16 +584,35 @@ def main(argv: list[str] | None = None) -> int:
         + "\n\nA cheap step is not progress: one matching carries about 1/(n−1) of ‖W‖² (docs/design.md); "
         "see docs/benchmarks/optimizers.md for time-to-target comparisons.\n\n"
         "## Layouts\n\n"
-        f"The fused default step (`givens_steps_`, {MATCHINGS} round-robin matchings, heavy-ball momentum "
-        f"{MOMENTUM}), float32; time relative to the row-major case, median of per-round ratios of "
-        "interleaved measurements.\n\n" + ltable + "\n\n"
+        f"`OrthogonalSGD(momentum={MOMENTUM})` and `OrthogonalAdam` steps (defaults: {MATCHINGS} "
+        "round-robin matchings), float32, gradient given, in steady state (after the first step, which "
+        "re-lays out the weight, its gradient and its moment so that the rows of the tall view are "
+        'contiguous: docs/optim.md, "Memory layout"). Time relative to the row-major square weight '
+        "(wide rows: to the tall weight of the same size), median of per-round ratios of interleaved "
+        'measurements. "without re-layout": the same ratio with the re-layout switched off (the '
+        "behaviour before it). A gradient set by hand every step keeps its own layout.\n\n"
+        + ltable
+        + "\n\n"
+        + cost_line
+        + "\n\n"
+        "Whole training step of a wide `nn.Linear(in=1024, out=k)` weight (forward `F.linear`, backward, "
+        "`OrthogonalSGD(momentum=0.9)` step, `zero_grad`), batch 256: the re-laid-out weight (default) "
+        "against the `nn.Linear` row-major storage kept. Ratios > 1 favour the re-layout.\n\n"
+        + ttable
+        + "\n\n"
         "## The default step\n\n"
         f"`givens_steps_` with {MATCHINGS} and 1 round-robin matchings, momentum {MOMENTUM}, against "
         "`torch.optim.SGD(momentum=0.9).step()` and the loop of single-matching `givens_step_` calls "
         "that it replaces. Bandwidth: bytes the step must move (read x, g, B; write x, B) per second, as "
         "a fraction of what `torch.add_` reaches on the same number of bytes in the same run.\n\n"
         + dtable
-        + "\n"
+        + "\n\n"
+        "`OrthogonalAdam.step()` (gradient given, steady state) with its default "
+        f"{MATCHINGS} and with 1 matching, against `torch.optim.Adam.step()` on the same weight, and "
+        "the same optimizer step through the per-matching loop (one `givens_step_` per matching, the "
+        "per-row second moments refreshed in torch between them) that the fused kernel "
+        "(`givens_adam_steps_`) replaced. Bandwidth as above (ours moves x, g, M: 5 d² floats; "
+        "torch Adam p, g, m, v: 7 d²).\n\n" + atable + "\n"
     )
     path = write_doc("givens_step", body, quick=args.quick)
     print()

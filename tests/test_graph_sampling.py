@@ -254,3 +254,24 @@ def test_make_sampler_accepts_both_spellings_of_colouring_and_checks_the_name_ty
     assert [pairs_of(m) for m in a.classes] == [pairs_of(m) for m in b.classes]
     with pytest.raises(TypeError, match="name"):
         make_sampler(None, 6)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 9, 16, 33, 257, 300])  # > 256: not from the cached cycle
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+def test_round_robin_sample_n_equals_successive_samples(n, shuffle, m):
+    """The vectorised ``sample_n`` (what the optimizers call once per step) gives the matchings, sampler
+    state and generator draws of ``m`` calls of ``sample``, across cycle boundaries (m > n − 1)."""
+    a, b = RoundRobinSampler(n, shuffle=shuffle), RoundRobinSampler(n, shuffle=shuffle)
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(3):
+        one_by_one = [a.sample(ga) for _ in range(m)]
+        batched = b.sample_n(m, gb)
+        assert len(batched) == m
+        for x, y in zip(one_by_one, batched):
+            assert torch.equal(x.i, y.i) and torch.equal(x.j, y.j) and torch.equal(x.prob, y.prob)
+            assert y.i.dtype == torch.int64 and y.i.is_contiguous()
+        assert a.state_dict()["position"] == b.state_dict()["position"]
+        assert torch.equal(ga.get_state(), gb.get_state())
+    with pytest.raises(ValueError, match="`m`"):
+        b.sample_n(0, gb)

@@ -88,6 +88,7 @@ def test_one_step_equals_matrix_exp_of_sampled_generator(dtype, shape, unbiased)
         generator=gen,
         matchings_per_step=1,
         sampler="random",
+        tall_step="givens",  # the matching step itself (tall weights default to the Cayley step)
     )
     opt.step()
     n = max(shape)
@@ -116,6 +117,7 @@ def test_first_order_descent_equals_lr_sum_w_squared():
             params=[{"params": [p], "manifold": "stiefel"}],
             lr=lr,
             generator=torch.Generator().manual_seed(3),
+            tall_step="givens",
         )
         opt.step()
         m = random_matching(n, generator=torch.Generator().manual_seed(3))
@@ -283,6 +285,7 @@ def test_brockett_top_k_eigenspace(sampler):
         momentum=0.8,
         sampler=sampler,
         matchings_per_step=4,
+        tall_step="givens",
     )
     for _ in range(800):
         opt.zero_grad()
@@ -313,8 +316,11 @@ def test_round_robin_steps_equal_one_full_sweep_bitwise():
         params=[{"params": [p_rr], "manifold": "stiefel"}],
         lr=0.1,
         sampler="round_robin",
+        tall_step="givens",
     )
-    opt_full = OrthogonalSGD([{"params": [p_full], "manifold": "stiefel"}], lr=0.1, sampler="full")
+    opt_full = OrthogonalSGD(
+        [{"params": [p_full], "manifold": "stiefel"}], lr=0.1, sampler="full", tall_step="givens"
+    )
     for _ in range(n - 1):
         p_rr.grad = g.clone()
         opt_rr.step()
@@ -1404,7 +1410,7 @@ def _pca_gaps(cls, steps, **kwargs):
     x = torch.nn.Parameter(
         torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
     )
-    opt = cls([{"params": [x], "manifold": "stiefel"}], **kwargs)
+    opt = cls([{"params": [x], "manifold": "stiefel"}], tall_step="givens", **kwargs)
     gaps = []
     for _ in range(steps):
         opt.zero_grad()

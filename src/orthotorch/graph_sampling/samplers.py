@@ -49,6 +49,18 @@ class MatchingSampler:
         """One matching (see the subclass); ``weights`` is the ``(n, n)`` matrix for weight-based samplers."""
         raise NotImplementedError
 
+    def sample_n(
+        self,
+        m: int,
+        generator: torch.Generator | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> list[Matching]:
+        """``m`` successive matchings: exactly what ``m`` calls of :meth:`sample` return (same state
+        afterwards, same draws from ``generator``). Subclasses may do it in fewer tensor operations."""
+        check_positive_int("m", m)
+        return [self.sample(generator, device=device) for _ in range(m)]
+
     def state_dict(self) -> dict[str, Any]:
         """Sampler state other than the RNG (which the caller owns)."""
         return {}
@@ -96,6 +108,66 @@ class RoundRobinSampler(MatchingSampler):
             perm = self._perm.to(m.i.device)
             m = Matching(perm[m.i], perm[m.j], m.prob)
         return m
+
+    def _cycle(
+        self, device: torch.device | str | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All rounds of the circle method as ``(rounds, P)`` index tensors ``i``, ``j`` and the ``(P,)``
+        probabilities, built once per device (O(n²) memory, so only for small n, where the per-call
+        tensor operations are what costs)."""
+        key = str(torch.device(device) if device is not None else torch.device("cpu"))
+        cache = self.__dict__.setdefault("_cycles", {})
+        if key not in cache:
+            n, rounds = self.n, self.rounds
+            t = torch.arange(1, (n + 1) // 2, device=device)
+            r = torch.arange(rounds, device=device).unsqueeze(-1)
+            a, b = (r + t) % rounds, (r - t) % rounds
+            if n % 2 == 0:  # the centre vertex n − 1 is paired with r
+                i = torch.cat([r, a], dim=-1)
+                j = torch.cat([torch.full_like(r, n - 1), b], dim=-1)
+            else:  # the dummy vertex's pair (r, n) is dropped
+                i, j = a, b
+            prob = torch.full((i.shape[-1],), 1.0 / rounds, dtype=torch.float64, device=device)
+            cache[key] = (i, j, prob)
+        return cache[key]
+
+    def sample_n(self, m, generator=None, *, device=None) -> list[Matching]:
+        """``m`` successive rounds as :meth:`sample` gives them, with a few tensor operations per cycle
+        instead of about ten per round, so that the per-step sampling cost of an optimizer does not
+        grow with ``matchings_per_step`` (it dominated small layers). For n ≤ 256 the whole cycle is
+        kept (≤ 0.5 MiB) and a step only slices it."""
+        check_positive_int("m", m)
+        check_generator("generator", generator)
+        n, rounds = self.n, self.rounds
+        out: list[Matching] = []
+        while len(out) < m:
+            r0 = self.position % rounds
+            if self.shuffle and (r0 == 0 or self._perm is None):
+                gdev = generator.device if generator is not None else torch.device("cpu")
+                self._perm = torch.randperm(n, generator=generator, device=gdev)
+            count = min(m - len(out), rounds - r0)  # up to the end of the cycle
+            if n <= 256:
+                ci, cj, prob = self._cycle(device)
+                i, j = ci[r0 : r0 + count], cj[r0 : r0 + count]
+            else:
+                t = torch.arange(1, (n + 1) // 2, device=device)
+                r = torch.arange(r0, r0 + count, device=device).unsqueeze(-1)
+                a, b = (r + t) % rounds, (r - t) % rounds
+                if n % 2 == 0:
+                    i = torch.cat([r, a], dim=-1)
+                    j = torch.cat([torch.full_like(r, n - 1), b], dim=-1)
+                else:
+                    i, j = a, b
+                prob = torch.full((i.shape[-1],), 1.0 / rounds, dtype=torch.float64, device=device)
+            if self.shuffle:
+                assert self._perm is not None
+                perm = self._perm.to(i.device)
+                i, j = perm[i], perm[j]
+            elif n <= 256:  # fresh tensors: the caller may keep or modify them
+                i, j = i.clone(), j.clone()
+            out.extend(Matching(a, b, prob) for a, b in zip(i.unbind(0), j.unbind(0)))
+            self.position += count
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {

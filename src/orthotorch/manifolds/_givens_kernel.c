@@ -6,7 +6,8 @@
  *            row by row of the underlying storage.
  * Rotation convention: x_i <- c x_i + s x_j, x_j <- -s x_i + c x_j, i.e. expm(theta (E_ij - E_ji)) acting
  * on the left. Every function returns 0, or -1 when an index is out of range (nothing is written then).
- * The fused multi-matching step ot_steps_* lives in _givens_steps_impl.c (included below, once per type).
+ * The fused multi-matching steps ot_steps_* and ot_adam_steps_* live in _givens_steps_impl.c (included
+ * below, once per type).
  */
 #include <math.h>
 #include <sched.h>
@@ -196,21 +197,29 @@ DEFINE_KERNELS(double, f64, cm1_f64, sin)
 #define SFX f32
 #define CM1 cm1_f32
 #define SIN sinf
+#define SQRT sqrtf
+#define FMA fmaf
 #include "_givens_steps_impl.c"
 #undef T
 #undef SFX
 #undef CM1
 #undef SIN
+#undef SQRT
+#undef FMA
 
 #define T double
 #define SFX f64
 #define CM1 cm1_f64
 #define SIN sin
+#define SQRT sqrt
+#define FMA fma
 #include "_givens_steps_impl.c"
 #undef T
 #undef SFX
 #undef CM1
 #undef SIN
+#undef SQRT
+#undef FMA
 
 /* Validate a set of pairs for n rows: 0, -1 (index outside [0, n)), -3 (a pair (i, i)) or -4 (a row in
  * two pairs; checked only when disjoint != 0). */
@@ -231,4 +240,4 @@ int ot_check_pairs(const int64_t *I, const int64_t *J, int64_t P, int64_t n, int
     return rc;
 }
 
-int ot_abi_version(void) { return 6; }
+int ot_abi_version(void) { return 7; }

@@ -40,19 +40,24 @@ _FLAG_SETS = (
     ["-O3", "-fopenmp"],
     ["-O3"],
 )
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _lock = threading.Lock()
 _state: dict[str, object] = {"lib": None, "tried": False, "status": "not loaded yet", "path": None}
 
 # Argument types of each kernel (see _givens_kernel.c): p = pointer, i = int64, r = the real type of the
 # variant (float for ``_f32``, double for ``_f64``), c = int (thread count). Every kernel returns an int
-# status: 0, -1 (index out of range), -2 (out of memory), -3 (a pair (i, i)), -4 (pairs not disjoint).
+# status: 0, -1 (index out of range), -2 (out of memory), -3 (a pair (i, i)), -4 (pairs not disjoint),
+# -5 (a layout the kernel does not walk), -6 (inconsistent arguments).
 SIGNATURES: dict[str, str] = {
     "coeffs": "piiipiiippiiiipc",
     "rotate": "piiippiiiipic",
     "step": "piiipiiippiiiirpipc",
     "step2": "piipiiipiippiiiirpipc",
     "steps": "piiipiiipiiipppiiiirpiirrpc",
+    # mode 3 of the fused step (OrthogonalAdam): x, g, first moment (pointer + 3 strides each), pairs,
+    # offsets, sizes, step size, scale, update, 1 - beta1, row_sq, row_count, max_row_sq, beta2,
+    # 1 - beta2, eps
+    "adam_steps": "piiipiiipiiipppiiiirpirppprrrc",
 }
 # Kernels without a real-typed variant (name used as is).
 PLAIN_SIGNATURES: dict[str, str] = {

@@ -17,12 +17,14 @@ The public functions check that the pairs form a matching (in range, ``i ≠ j``
 in C on CPU) and refuse to write into tensors with overlapping memory (e.g. ``expand``-ed ones). The optimizers
 pass ``check=False`` (their matchings are valid by construction); indices are range-checked on every path, so
 a bad index raises ``IndexError`` instead of corrupting memory. :func:`givens_steps_` fuses the ``m``
-matchings of one optimizer step (and the momentum update) into one pass over the rows.
+matchings of one optimizer step (and the momentum update) into one pass over the rows, and
+:func:`givens_adam_steps_` does the same for ``OrthogonalAdam`` (first moment, per-row second moments).
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -35,6 +37,7 @@ from orthotorch.manifolds import _native
 __all__ = [
     "check_matching",
     "functorch_active",
+    "givens_adam_steps_",
     "givens_matrix",
     "givens_step_",
     "givens_steps_",
@@ -722,10 +725,8 @@ def givens_steps_(
       ``x``, ``B`` rotated by ``θ = −lr·W⁽ˢ⁾·scale``.
 
     Every step uses the rows as left by the previous one, so this is *not* one rotation by ``Σ_s W⁽ˢ⁾``.
-    ``OrthogonalAdam``'s first-moment update ``M ← β₁M + (1−β₁)G`` is the buffer update above with
-    ``μ = τ = β₁``, but its per-pair scale depends on per-row second moments refreshed between matchings
-    from ``W(x, G)`` on the current rows; that loop is not fused (it keeps one :func:`givens_step_` with
-    ``co_rotate`` per matching).
+    ``OrthogonalAdam``'s step (per-pair scales from per-row second moments refreshed between matchings
+    from ``W(x, G)`` on the current rows) is fused the same way by :func:`givens_adam_steps_`.
 
     Args:
         x: ``(..., n, k)`` point, modified in place (any layout without internal overlap; the kernel
@@ -785,6 +786,215 @@ def givens_steps_(
     for s, (ii, jj) in enumerate(mats):
         _check_pairs(ii, jj, n, full=check, where=f" of rounds[{s}]")
     _steps_torch(x, g, mats, scs, lr, buf, mu, tau, nesterov, update_buffer)
+    return x
+
+
+def _row_state(
+    name: str, t: object, shape: tuple[int, ...], x: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Check one of the Adam step's per-row state tensors (written in place)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a tensor of shape {shape}, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"`{name}` must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(
+            f"`{name}` must have dtype {dtype} (float32 for half-precision weights, else the weight's "
+            f"dtype), got {t.dtype}"
+        )
+    if t.device != x.device:
+        raise ValueError(f"`{name}` must be on the device of `x` ({x.device}), got {t.device}")
+    if _overlaps(t):
+        raise ValueError(f"`{name}` has internally overlapping memory (strides {t.stride()})")
+    return t
+
+
+def _adam_steps_torch(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    mats: list[tuple[torch.Tensor, torch.Tensor]],
+    scs: list[torch.Tensor | None],
+    step_size: float,
+    row_sq: torch.Tensor,
+    count: torch.Tensor,
+    max_sq: torch.Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    update: bool,
+) -> None:
+    """Reference and fallback: one :func:`givens_step_` per matching, the row state refreshed between
+    them from ``W(x, G)`` on the current rows (the loop ``OrthogonalAdam`` ran before the fused kernel)."""
+    if update:
+        m.lerp_(g, 1 - beta1)
+    acc = row_sq.dtype
+    for (i, j), scale in zip(mats, scs):
+        # second moment per row from this matching's coefficients of the fresh gradient
+        wg = pair_coefficients(x, g, i, j, check=False).to(acc) ** 2
+        both = torch.cat([i, j])
+        count[both] += 1
+        row_sq[..., both] = beta2 * row_sq[..., both] + (1 - beta2) * torch.cat([wg, wg], -1)
+        bc2 = 1 - beta2 ** count[both]
+        v = row_sq[..., both]
+        if max_sq is not None:
+            max_sq[..., both] = torch.maximum(max_sq[..., both], v)
+            v = max_sq[..., both]
+        v = v / bc2
+        num_pairs = i.numel()
+        pair_v = 0.5 * (v[..., :num_pairs] + v[..., num_pairs:])
+        inv = 1.0 / (pair_v.sqrt() + eps)
+        if scale is not None:
+            inv = inv * scale.to(acc)
+        # one pass: coefficients from the first moment, rotate the weight and the moment
+        givens_step_(x, m, i, j, step_size, scale=inv, co_rotate=m, check=False)
+
+
+def _adam_steps_native(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    mats: list[tuple[torch.Tensor, torch.Tensor]],
+    scs: list[torch.Tensor | None],
+    step_size: float,
+    row_sq: torch.Tensor,
+    count: torch.Tensor,
+    max_sq: torch.Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    update: bool,
+) -> None:
+    xw, sx = _kernel_layout(x)
+    gw, sg = _kernel_layout(g)
+    mw, sm = _kernel_layout(m)
+    rows = [
+        t if t is None or t.is_contiguous() else t.contiguous() for t in (row_sq, count, max_sq)
+    ]
+    n, batch = x.shape[-2], math.prod(x.shape[:-2])
+    off = torch.tensor(list(itertools.accumulate((ii.numel() for ii, _ in mats), initial=0)))
+    if len(mats) == 1:
+        ii_all, jj_all = mats[0]
+    else:
+        ii_all = torch.cat([ii for ii, _ in mats]) if mats else torch.zeros(0, dtype=torch.int64)
+        jj_all = torch.cat([jj for _, jj in mats]) if mats else torch.zeros(0, dtype=torch.int64)
+    scale = None
+    if any(sc is not None for sc in scs):
+        scale = torch.cat(
+            [
+                torch.ones(ii.numel(), dtype=x.dtype) if sc is None else sc.to(x.dtype)
+                for sc, (ii, _) in zip(scs, mats)
+            ]
+        )
+    rc = _call(
+        "adam_steps", x.dtype, xw, *sx, gw, *sg, mw, *sm, ii_all, jj_all, off, len(mats), batch, n,
+        x.shape[-1], float(step_size), scale, int(update), float(1 - beta1), *rows, float(beta2),
+        float(1 - beta2), float(eps),
+    )  # fmt: skip
+    if rc:
+        # locate the failing matching for the message (nothing was written)
+        for s, (ii, jj) in enumerate(mats):
+            _check_pairs(ii, jj, n, full=True, where=f" of rounds[{s}]")
+        raise _pair_error(rc, ii_all, jj_all, n)
+    for dst, src in ((x, xw), (m, mw), (row_sq, rows[0]), (count, rows[1]), (max_sq, rows[2])):
+        if dst is not None and src is not None and src is not dst:
+            dst.copy_(src)
+
+
+@torch.no_grad()
+def givens_adam_steps_(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    exp_avg: torch.Tensor,
+    rounds: torch.Tensor | Sequence[object],
+    step_size: float,
+    *,
+    row_sq: torch.Tensor,
+    row_count: torch.Tensor,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    max_row_sq: torch.Tensor | None = None,
+    scales: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    update_moment: bool = True,
+    check: bool = True,
+) -> torch.Tensor:
+    """``OrthogonalAdam``'s constrained step: ``m`` Givens matchings driven by Adam's first moment and
+    per-row second moments, fused into one pass over the rows (as :func:`givens_steps_` for SGD).
+
+    With ``M = exp_avg``, ``v = row_sq``, ``c = row_count``, ``(β₁, β₂) = betas``:
+
+    - first, if ``update_moment``, ``M ← M + (1 − β₁)(G − M)`` (``torch.lerp_``, i.e. ``β₁M + (1 − β₁)G``);
+    - then for each matching ``s`` and each of its pairs ``(i, j)``, on the rows as left by the previous
+      matchings: ``W_ij = ⟨g_i, x_j⟩ − ⟨x_i, g_j⟩`` (fresh gradient) and ``W̃_ij = ⟨m_i, x_j⟩ − ⟨x_i, m_j⟩``;
+      ``c_i ← c_i + 1``, ``v_i ← β₂v_i + (1 − β₂)W_ij²`` (with ``max_row_sq``: ``v̄_i ← max(v̄_i, v_i)``,
+      used in place of ``v_i`` below), ``v̂_i = v_i / (1 − β₂^{c_i})``, the same for ``j``;
+      ``θ = −step_size · W̃_ij · scale / (√((v̂_i + v̂_j)/2) + ε)``; rows ``i, j`` of ``x`` and ``M``
+      rotated by ``θ``. Rows outside every matching keep their ``v`` and count.
+
+    The result equals the sequential loop over the matchings (one :func:`givens_step_` with
+    ``co_rotate=M`` per matching, the row state refreshed in between: the torch fallback used off CPU,
+    for half precision or without the native kernel) up to float rounding: the kernel does the scalar
+    arithmetic of the row state in the same order and rounding as the loop's torch ops, so that the two
+    agree bitwise when the dot products, ``β₂^c`` and the moment update round alike (on CPU with the
+    moment already updated and an exactly representable ``β₂^c``; otherwise within a few ulps).
+
+    Args:
+        x: ``(..., n, k)`` point, modified in place (any layout without internal overlap, as
+            :func:`givens_steps_`).
+        g: ``(..., n, k)`` Euclidean gradient (same shape/dtype/device as ``x``); read only.
+        exp_avg: ``(..., n, k)`` first moment ``M`` (same shape/dtype/device), updated and rotated in
+            place. May not alias ``x`` or ``g``.
+        rounds: the ``m`` matchings (as :func:`givens_steps_`), shared over the batch.
+        step_size: ``lr / (1 − β₁ᵗ)`` (Adam's bias-corrected step size).
+        row_sq: ``x.shape[:-2] + (n,)`` per-row second moments ``v``, updated in place; dtype float32 for
+            float16/bfloat16 weights, else the weight's dtype.
+        row_count: ``(n,)`` per-row update counts (shared over the batch; same dtype as ``row_sq``),
+            updated in place.
+        betas: ``(β₁, β₂)`` in ``[0, 1)``.
+        eps: ``ε ≥ 0`` added to the denominator.
+        max_row_sq: optional running maximum of ``v`` (amsgrad; like ``row_sq``), updated in place.
+        scales: optional per-pair multipliers (as :func:`givens_steps_`).
+        update_moment: apply the first-moment update before the matchings (False when the caller has
+            already updated ``M``, e.g. to read greedy matchings off it).
+        check: verify that every round is a matching of ``[0, n)`` (the native kernel always does, before
+            writing anything).
+
+    Returns:
+        ``x``. Cost O(m·P·k) work; on CPU (float32/float64) x, g and M are read and written about once
+        (rows stay in cache across the round-robin matchings; OpenMP threads), plus O(n) row state.
+        The kernel validates every round and argument before writing anything.
+    """
+    _check_pair_inputs(x, g, writes=True)
+    _check_pair_inputs(x, exp_avg, "exp_avg")
+    if _overlaps(exp_avg):
+        raise ValueError("`exp_avg` has internally overlapping memory; pass a clone")
+    if exp_avg.numel() > 0 and exp_avg.data_ptr() in (g.data_ptr(), x.data_ptr()):
+        raise ValueError("`exp_avg` must not alias `x` or `g` (it is updated and rotated in place)")
+    step_size = check_real("step_size", step_size)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = (
+        check_real(name, b, minimum=0.0, maximum=1.0, max_inclusive=False)
+        for name, b in zip(("betas[0]", "betas[1]"), betas)
+    )
+    eps = check_real("eps", eps, minimum=0.0)
+    check_bool("update_moment", update_moment)
+    check_bool("check", check)
+    n, acc = x.shape[-2], _acc_dtype(x.dtype)
+    rows_shape = (*x.shape[:-2], n)
+    _row_state("row_sq", row_sq, rows_shape, x, acc)
+    _row_state("row_count", row_count, (n,), x, acc)
+    if max_row_sq is not None:
+        _row_state("max_row_sq", max_row_sq, rows_shape, x, acc)
+    mats = _rounds(rounds, x.device)
+    scs = _scales(scales, mats, x)
+    args = (step_size, row_sq, row_count, max_row_sq, beta1, beta2, eps, update_moment)
+    if x.numel() > 0 and _use_native(x, g):
+        _adam_steps_native(x, g, exp_avg, mats, scs, *args)
+        return x
+    for s, (ii, jj) in enumerate(mats):
+        _check_pairs(ii, jj, n, full=check, where=f" of rounds[{s}]")
+    _adam_steps_torch(x, g, exp_avg, mats, scs, *args)
     return x
 
 

@@ -33,6 +33,7 @@ from orthotorch.graph_sampling import (
     make_sampler,
     round_robin_matching,
 )
+from orthotorch.optim._tall import TALL_STEPS, uses_cayley
 from orthotorch.optim.groups import MANIFOLDS, constraint_of
 
 __all__ = ["DEFAULT_SEED", "MANIFOLDS", "NONFINITE", "SAMPLERS", "GivensOptimizer", "project_"]
@@ -63,9 +64,7 @@ _STRUCTURAL = ("manifold",)
 class _ParamInfo:
     """How one parameter is updated (a cache rebuilt from the group and the parameter)."""
 
-    kind: (
-        str  # "givens" | "riemannian" | "euclidean" | "empty" (a constrained weight with no entry)
-    )
+    kind: str  # "givens" | "cayley" | "riemannian" | "euclidean" | "empty" (constrained, no entry)
     transpose: bool = False  # rotate rows of p.mT (wide weights)
     n: int = 0  # rows of the tall view
     k: int = 0  # columns of the tall view
@@ -73,6 +72,7 @@ class _ParamInfo:
     name: str = ""  # for messages: "param_groups[g]['params'][i]"
     manifold: str | None = None  # "stiefel" | "orthogonal" | "so" for constrained weights
     checked: bool = False  # on-manifold check done (never restored from a state dict)
+    laid_out: bool = False  # _ensure_row_layout done (redone after a load)
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,31 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
 
 def _describe_param(p: torch.Tensor) -> str:
     return f"shape {tuple(p.shape)}, dtype {p.dtype}"
+
+
+def _owns_dense_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is non-overlapping and dense and fills its whole storage from offset 0.
+
+    Only such a tensor may be given a new layout: a slice, or a tensor whose storage holds more than
+    itself, shares memory with a tensor we cannot see, which would silently stop seeing its updates.
+    """
+    if t._base is not None or t.storage_offset() != 0:
+        return False
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of ``ref`` (same shape): ``t`` itself when they already agree, else one copy."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 def check_lr(name: str, value: object) -> float | torch.Tensor:
@@ -173,6 +198,12 @@ class GivensOptimizer(torch.optim.Optimizer):
         check_bool(f"unbiased ({where})", group["unbiased"])
         check_bool(f"maximize ({where})", group["maximize"])
         check_choice(f"nonfinite ({where})", group["nonfinite"], NONFINITE)
+        tall_step = group.setdefault("tall_step", "auto")
+        if not isinstance(tall_step, str):
+            raise TypeError(
+                f"`tall_step` ({where}) must be a str, got {type(tall_step).__name__} {tall_step!r}"
+            )
+        check_choice(f"tall_step ({where})", tall_step, TALL_STEPS)
         manifold = group.get("manifold")
         if manifold is not None and manifold not in MANIFOLDS:
             raise ValueError(
@@ -195,7 +226,8 @@ class GivensOptimizer(torch.optim.Optimizer):
         """Add a group (see ``torch.optim.Optimizer``); options are validated and samplers built now.
 
         Extra group keys: ``manifold`` (``"stiefel" | "orthogonal" | "so" | None``), ``sampler``,
-        ``matchings_per_step``, ``unbiased``, ``stabilize``, ``graph`` (for ``"colouring"``), ``nonfinite``.
+        ``matchings_per_step``, ``unbiased``, ``stabilize``, ``graph`` (for ``"colouring"``), ``nonfinite``,
+        ``tall_step`` (``"auto" | "givens" | "cayley"``: the step of tall Stiefel weights).
         """
         param_group.setdefault("manifold", None)
         params = param_group.get("params")
@@ -272,6 +304,9 @@ class GivensOptimizer(torch.optim.Optimizer):
                 f"constrained parameter {name} needs at least 2 rows to rotate, got "
                 f"{_describe_param(p)}"
             )
+        if uses_cayley(group.get("tall_step", "auto"), manifold, n, k):
+            # the whole rank-2k generator per step (optim/_tall.py): no matchings
+            return _ParamInfo("cayley", transpose=transpose, n=n, k=k, name=name, manifold=manifold)
         sampler: MatchingSampler | None = None
         sampler_name = group["sampler"]
         if sampler_name == "round_robin" and self._transports_moment(group):
@@ -327,6 +362,37 @@ class GivensOptimizer(torch.optim.Optimizer):
                 )
         info.checked = True
 
+    def _ensure_row_layout(self, p: torch.Tensor, info: _ParamInfo) -> None:
+        """Once per constrained parameter (at its first step, again after a load): store ``p`` so that the
+        rows of its tall view are contiguous, and give its gradient and state tensors the same strides.
+
+        The fused kernel walks rows; a column-major tall view (what ``torch.linalg.qr`` returns, or the
+        ``.mT`` of a row-major wide weight) costs it 2-5x through strided tiles. A tall or square ``p``
+        becomes ``p.contiguous()``; a wide one is stored so that ``p.mT`` is row-major. Values and shape
+        never change; only the strides. Parameters that do not own their storage densely (views, slices,
+        expanded tensors) are left as they are (the step then works on their layout). Later gradients
+        follow: autograd's ``AccumulateGrad`` creates ``p.grad`` with ``p``'s strides (the layout
+        contract). One copy of ``p``, ``p.grad`` and each moment, O(nk), only when the layout changes.
+        """
+        info.laid_out = True
+        if not _owns_dense_storage(p.data):
+            return
+        tall = self._tall(p.data, info)
+        if not tall.is_contiguous():
+            # data assignment keeps the Parameter object (hooks, optimizer state, module references)
+            p.data = tall.contiguous().mT if info.transpose else tall.contiguous()
+        grad = p.grad
+        if grad is not None and not grad.is_sparse and grad.shape == p.shape:
+            # also an existing grad that zero_grad(set_to_none=False) would keep accumulating into
+            converted = _like_layout(grad, p)
+            if converted is not grad:
+                p.grad = converted
+        state = self.state.get(p)
+        if state:
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape == p.shape:
+                    state[key] = _like_layout(value, p)
+
     def _matchings(
         self,
         info: _ParamInfo,
@@ -363,8 +429,7 @@ class GivensOptimizer(torch.optim.Optimizer):
             ]
             return greedy
         out = []
-        for _ in range(m):
-            mt = sampler.sample(self._generator, device=device)
+        for mt in sampler.sample_n(m, self._generator, device=device):
             scale = None
             if group["unbiased"] and name not in _DETERMINISTIC:
                 scale = (1.0 / (m * mt.prob)).to(dtype=torch.float32, device=device)
@@ -418,7 +483,7 @@ class GivensOptimizer(torch.optim.Optimizer):
     def stabilize(self) -> None:
         """Project every constrained weight back onto its manifold now (as geoopt's ``stabilize``).
 
-        Givens weights: ``X ← qr_sign_fixed(X)`` on the tall view (O(nk²), keeps the determinant sign of a
+        Givens and Cayley (tall) weights: ``X ← qr_sign_fixed(X)`` on the tall view (O(nk²), keeps the determinant sign of a
         near-orthogonal square weight, so O(d)'s component and SO(d) membership are kept; their ambient
         buffers need nothing). Parameters on other geoopt manifolds: ``projx`` of the point and ``proju``
         of their momentum / first-moment buffer. Unconstrained parameters are untouched.
@@ -426,7 +491,7 @@ class GivensOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 info = self._info_of(p, group)
-                if info.kind == "givens":
+                if info.kind in ("givens", "cayley"):
                     project_(self._tall(p.data, info))
                 elif info.kind == "riemannian":
                     manifold = p.manifold
@@ -450,7 +515,7 @@ class GivensOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             params = self._filter_finite(group, params)
-            euclid, givens, riem = [], [], []
+            euclid, givens, riem, cayley = [], [], [], []
             for p in params:
                 info = self._info_of(p, group)
                 if info.kind == "euclidean":
@@ -463,6 +528,8 @@ class GivensOptimizer(torch.optim.Optimizer):
                     )
                 if info.kind == "givens":
                     givens.append(p)
+                elif info.kind == "cayley":
+                    cayley.append(p)
                 elif info.kind == "riemannian":
                     riem.append(p)
             if euclid:
@@ -471,7 +538,15 @@ class GivensOptimizer(torch.optim.Optimizer):
                 info = self._info[p]
                 if not info.checked:
                     self._check_on_manifold(p, info)
+                if not info.laid_out:
+                    self._ensure_row_layout(p, info)
                 self._givens_update(group, p, info)
+                self._maybe_stabilize(p, info, group)
+            for p in cayley:
+                info = self._info[p]
+                if not info.checked:
+                    self._check_on_manifold(p, info)
+                self._cayley_update(group, p, info)
                 self._maybe_stabilize(p, info, group)
             for p in riem:
                 self._riemannian_update(group, p)
@@ -482,6 +557,10 @@ class GivensOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _givens_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
+        raise NotImplementedError
+
+    def _cayley_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
+        """The rank-2k Cayley step of a tall weight (``tall_step``, optim/_tall.py)."""
         raise NotImplementedError
 
     def _riemannian_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
@@ -653,12 +732,19 @@ class GivensOptimizer(torch.optim.Optimizer):
             hint = ""
             if kind == "givens" and "exp_avg_sq" in unknown:
                 hint = (
-                    " (an elementwise second moment, e.g. torch.optim.Adam's, has no per-row "
-                    "counterpart: the constrained step keeps one v per row of the tall view)"
+                    " (an elementwise second moment, e.g. torch.optim.Adam's or that of the Cayley "
+                    "step of tall weights, has no per-row counterpart: the Givens step keeps one v "
+                    "per row of the tall view; was it saved with another `tall_step`?)"
                 )
+            elif kind == "cayley" and "row_sq" in unknown:
+                hint = (
+                    " (a per-row second moment of the Givens step: this weight takes the Cayley step "
+                    "of tall weights; load it into an optimizer with tall_step='givens')"
+                )
+            label = {"givens": "constrained", "cayley": "constrained (tall, Cayley step)"}
             raise ValueError(
                 f"the state dict's state for {info.name} ({_describe_param(p)}, a "
-                f"{'constrained' if kind == 'givens' else kind} parameter) has keys {unknown} that "
+                f"{label.get(kind, kind)} parameter) has keys {unknown} that "
                 f"{type(self).__name__} cannot use (it keeps {list(allowed)}); it was saved by another "
                 "optimizer or for another kind of parameter"
                 + hint

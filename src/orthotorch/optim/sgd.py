@@ -12,6 +12,7 @@ from orthotorch._validation import check_bool, check_real
 from orthotorch.manifolds.givens import givens_steps_
 from orthotorch.optim._base import GivensOptimizer, _grad, _ParamInfo
 from orthotorch.optim._docs import fill_docstring
+from orthotorch.optim._tall import cayley_step_
 
 __all__ = ["OrthogonalSGD"]
 
@@ -42,6 +43,14 @@ class OrthogonalSGD(GivensOptimizer):
     (times ``1/(m·p_ij)`` with ``unbiased=True``, ``p_ij`` the pair's inclusion probability and ``m =
     matchings_per_step``). This is ``X ← expm(−lr·W_M) X``, which decreases the loss to first order by
     ``lr·Σ_M W_ij²``. Batched weights share one matching across the batch.
+
+    **Tall weights** (``tall_step``, default ``"auto"``): a Stiefel weight whose tall view has
+    ``n ≥ 2k`` moves along the whole generator instead, ``X ← (I + ½lr·W)⁻¹(I − ½lr·W) X`` with
+    ``W = D Xᵀ − X Dᵀ`` (rank ``≤ 2k``, never formed; ``O(nk²)`` plus ``k × k`` work, see
+    :func:`~orthotorch.manifolds.stiefel.cayley_rotate`), and the momentum buffer is carried by the same
+    rotation. A matching carries only ``~1/(n − 1)`` of ``‖W‖²``; on tall weights the whole generator
+    is cheap and won the benchmark (docs/optim.md, "Tall weights"). The sampler options do not apply
+    there. Square weights always take the Givens step; ``tall_step="givens"`` restores it everywhere.
 
     **Samplers** (``sampler=``; the benchmark in docs/optim.md picks the default):
 
@@ -114,6 +123,7 @@ class OrthogonalSGD(GivensOptimizer):
     _state_keys: ClassVar[dict[str, tuple[str, ...]]] = {
         "euclidean": ("momentum_buffer",),
         "givens": ("momentum_buffer", "givens_steps"),
+        "cayley": ("momentum_buffer", "givens_steps"),
         "riemannian": ("momentum_buffer",),
     }
 
@@ -134,6 +144,7 @@ class OrthogonalSGD(GivensOptimizer):
         generator: torch.Generator | None = None,
         graph: Any = None,
         nonfinite: str = "skip",
+        tall_step: str = "auto",
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -154,6 +165,7 @@ class OrthogonalSGD(GivensOptimizer):
             "stabilize": stabilize,
             "graph": graph,
             "nonfinite": nonfinite,
+            "tall_step": tall_step,
         }
         super().__init__(params, defaults, generator)
 
@@ -213,7 +225,9 @@ class OrthogonalSGD(GivensOptimizer):
         if mu != 0:
             buf_p = state.get("momentum_buffer")
             if buf_p is None:
-                buf_p = torch.clone(grad).detach()
+                # in p's layout, not the gradient's (a hand-set grad may differ): the buffer is
+                # walked with x at every step
+                buf_p = torch.empty_like(p.data, memory_format=torch.preserve_format).copy_(grad)
                 state["momentum_buffer"] = buf_p
             else:
                 update = True
@@ -241,6 +255,32 @@ class OrthogonalSGD(GivensOptimizer):
             update_buffer=update,
             check=False,
         )
+
+    def _cayley_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
+        # heavy ball as in _givens_update; the buffer drives X ← Cayley(−lr·W(X, D)) X, D = B (or
+        # G + μB with Nesterov), and is carried by the same rotation
+        lr, mu = float(group["lr"]), group["momentum"]
+        grad = _grad(p)
+        if grad.dtype != p.dtype:
+            grad = grad.to(p.dtype)
+        if group["maximize"]:
+            grad = -grad
+        x = self._tall(p.data, info)
+        if mu == 0:
+            cayley_step_(x, self._tall(grad, info), lr)
+            return
+        state = self.state[p]
+        buf_p = state.get("momentum_buffer")
+        if buf_p is None:
+            buf_p = torch.clone(grad).detach()
+            state["momentum_buffer"] = buf_p
+        else:
+            buf_p.mul_(mu).add_(grad, alpha=1 - group["dampening"])
+        buf = self._tall(buf_p, info)
+        if group["nesterov"]:
+            cayley_step_(x, self._tall(grad, info) + mu * buf, lr, moment=buf)
+        else:
+            cayley_step_(x, buf, lr, moment=buf)
 
     def _riemannian_update(self, group: dict[str, Any], p: torch.Tensor) -> None:
         manifold = p.manifold  # type: ignore[attr-defined]  # a geoopt ManifoldParameter
