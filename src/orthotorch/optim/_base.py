@@ -82,6 +82,15 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _descent_grad(p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """The gradient a constrained step descends along: ``p.grad`` in ``p``'s dtype, negated under
+    ``maximize`` (a new tensor whenever either applies; ``p.grad`` itself is never modified)."""
+    grad = _grad(p)
+    if grad.dtype != p.dtype:
+        grad = grad.to(p.dtype)
+    return -grad if group["maximize"] else grad
+
+
 def _describe_param(p: torch.Tensor) -> str:
     return f"shape {tuple(p.shape)}, dtype {p.dtype}"
 

@@ -12,7 +12,7 @@ from orthotorch._compat import optimizer_step_dtype
 from orthotorch._numerics import compute_dtype
 from orthotorch._validation import check_bool, check_real
 from orthotorch.manifolds.givens import givens_adam_steps_
-from orthotorch.optim._base import GivensOptimizer, _grad, _ParamInfo
+from orthotorch.optim._base import GivensOptimizer, _descent_grad, _grad, _ParamInfo
 from orthotorch.optim._docs import fill_docstring
 from orthotorch.optim._tall import canonical_rgrad, cayley_step_
 
@@ -244,11 +244,7 @@ class OrthogonalAdam(GivensOptimizer):
         )
 
     def _givens_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
-        grad = _grad(p)
-        if grad.dtype != p.dtype:
-            grad = grad.to(p.dtype)
-        if group["maximize"]:
-            grad = -grad
+        grad = _descent_grad(p, group)
         beta1, beta2 = group["betas"]
         state = self._init_state(p, group, info)
         state["step"] += 1
@@ -283,11 +279,7 @@ class OrthogonalAdam(GivensOptimizer):
         # gradient R = G − X GᵀX; D = m̂/(√v̂ + ε) drives X ← Cayley(−lr·W(X, D)) X and the first moment
         # is carried by the same rotation. Rescaling R, not G, keeps the stationary points fixed (R = 0
         # there, G = X·S is not): on the ambient G this step stalled at a gap of 6e-2 (docs/optim.md).
-        grad = _grad(p)
-        if grad.dtype != p.dtype:
-            grad = grad.to(p.dtype)
-        if group["maximize"]:
-            grad = -grad
+        grad = _descent_grad(p, group)
         beta1, beta2 = group["betas"]
         state = self._init_state(p, group)
         state["step"] += 1

@@ -10,7 +10,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from orthotorch._validation import check_bool, check_real
 from orthotorch.manifolds.givens import givens_steps_
-from orthotorch.optim._base import GivensOptimizer, _grad, _ParamInfo
+from orthotorch.optim._base import GivensOptimizer, _descent_grad, _grad, _ParamInfo
 from orthotorch.optim._docs import fill_docstring
 from orthotorch.optim._tall import cayley_step_
 
@@ -214,11 +214,7 @@ class OrthogonalSGD(GivensOptimizer):
     def _givens_update(self, group: dict[str, Any], p: torch.Tensor, info: _ParamInfo) -> None:
         lr, mu = float(group["lr"]), group["momentum"]
         state = self.state[p]
-        grad = _grad(p)
-        if grad.dtype != p.dtype:
-            grad = grad.to(p.dtype)
-        if group["maximize"]:
-            grad = -grad
+        grad = _descent_grad(p, group)
         x = self._tall(p.data, info)
         g = self._tall(grad, info)
         buf_t, update = None, False
@@ -260,11 +256,7 @@ class OrthogonalSGD(GivensOptimizer):
         # heavy ball as in _givens_update; the buffer drives X ← Cayley(−lr·W(X, D)) X, D = B (or
         # G + μB with Nesterov), and is carried by the same rotation
         lr, mu = float(group["lr"]), group["momentum"]
-        grad = _grad(p)
-        if grad.dtype != p.dtype:
-            grad = grad.to(p.dtype)
-        if group["maximize"]:
-            grad = -grad
+        grad = _descent_grad(p, group)
         x = self._tall(p.data, info)
         if mu == 0:
             cayley_step_(x, self._tall(grad, info), lr)
