@@ -558,6 +558,10 @@ def _tall(pr: Problem) -> bool:
     return not pr.square
 
 
+def _square(pr: Problem) -> bool:
+    return pr.square
+
+
 def ours_rows(
     key: str = "",
     name: str = "",
@@ -619,6 +623,11 @@ def methods() -> list[Method]:
             group={"tall_step": "givens"},
             applies=_tall,
             quick=False,
+        )
+    # fewer matchings per gradient: cheaper steps that move less (docs/optim.md, "how many matchings")
+    for m in (1, 4):
+        rows += ours_rows(
+            f"-m{m}", f", m={m}", group={"matchings_per_step": m}, applies=_square, quick=False
         )
     rows += [
         Method(

@@ -201,3 +201,16 @@ def test_an_interrupt_between_iterations_also_resumes_exactly(tmp_path):
         r["loss"] for r in _log(tmp_path / "part")
     ]
     assert full.iterations == 6
+
+
+def test_train_sets_its_thread_count_and_restores_the_callers_also_on_error(tmp_path):
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    seen: list[int] = []
+    train(small(steps=1, threads=want), progress=lambda *_: seen.append(torch.get_num_threads()))
+    assert seen == [want] and torch.get_num_threads() == before
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(small(threads=want), tmp_path / "empty", resume=True)
+    assert torch.get_num_threads() == before
+    train(small(steps=1, threads=0), progress=lambda *_: seen.append(torch.get_num_threads()))
+    assert seen[-1] == before  # 0 keeps the caller's count

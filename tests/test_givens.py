@@ -3,6 +3,12 @@
 import pytest
 import torch
 
+from givens_reference import (
+    dense_rotation,
+    per_thread_count_and_layout,
+    round_robin_rounds,
+    with_layout,
+)
 from orthotorch.graph_sampling import random_matching, round_robin_matching
 from orthotorch.manifolds import _native, givens
 from orthotorch.manifolds.givens import (
@@ -399,23 +405,6 @@ def test_single_matching_mixed_layouts(path, lay_x, lay_g):
 # issue 12: the fused multi-matching step
 
 
-def round_robin_rounds(n, m, start=0):
-    rounds = n - 1 if n % 2 == 0 else n
-    return [round_robin_matching(n, (start + s) % rounds) for s in range(m)]
-
-
-def dense_rotation(n, i, j, theta):
-    """expm(Σ θ_p (E_ij − E_ji)) written out with cos/sin (torch's float64 matrix_exp is only accurate to
-    ~2e-10 for generators of norm ~0.05: it picks a low-degree Taylor polynomial there)."""
-    rot = torch.eye(n, dtype=torch.float64).expand(*theta.shape[:-1], n, n).clone()
-    c, s = torch.cos(theta), torch.sin(theta)
-    for p in range(i.numel()):
-        a, b = int(i[p]), int(j[p])
-        rot[..., a, a], rot[..., b, b] = c[..., p], c[..., p]
-        rot[..., a, b], rot[..., b, a] = s[..., p], -s[..., p]
-    return rot
-
-
 def dense_steps(x, g, b, rounds, lr, scales, mu, tau, mode):
     """Independent reference: dense generators and rotations, in the order of optim/sgd.py."""
     x, g = x.double().clone(), g.double()
@@ -510,22 +499,6 @@ def test_fused_steps_rows_outside_every_matching_still_get_the_buffer_update(pat
 LAYOUTS = ["row", "col", "sliced", "row_strided"]
 
 
-def with_layout(t, kind):
-    if kind == "row":
-        return t.contiguous().clone()
-    if kind == "col":
-        if t.dim() == 2:
-            return col_major(t)
-        return t.mT.contiguous().mT.clone(memory_format=torch.preserve_format)
-    if kind == "sliced":  # no contiguous dimension at all
-        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-        big[..., ::2] = t
-        return big[..., ::2]
-    big = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype)  # rows contiguous, padded
-    big[..., : t.shape[-1]] = t
-    return big[..., : t.shape[-1]]
-
-
 @pytest.mark.parametrize("batch", [(), (2,)])
 def test_fused_steps_identical_across_layouts(path, batch):
     """Every layout of weight, gradient and buffer (contiguous, column-major, sliced, padded rows; the
@@ -569,17 +542,13 @@ def test_fused_steps_threads_give_bitwise_the_same_result():
     x0 = torch.linalg.qr(torch.randn(n, k, generator=gen))[0].contiguous()
     g, b0 = torch.randn(n, k, generator=gen), torch.randn(n, k, generator=gen)
     rounds = round_robin_rounds(n, m, start=7)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
-            for lay in ("row", "col"):
-                x, b = with_layout(x0, lay), with_layout(b0, lay)
-                givens_steps_(x, g, rounds, 0.01, momentum_buffer=b, momentum=0.9)
-                results.append((x.contiguous(), b.contiguous()))
-    finally:
-        torch.set_num_threads(threads)
+
+    def run(lay):
+        x, b = with_layout(x0, lay), with_layout(b0, lay)
+        givens_steps_(x, g, rounds, 0.01, momentum_buffer=b, momentum=0.9)
+        return x.contiguous(), b.contiguous()
+
+    results = per_thread_count_and_layout(run)
     for x, b in results[1:]:
         assert torch.equal(x, results[0][0]) and torch.equal(b, results[0][1])
 

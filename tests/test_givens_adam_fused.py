@@ -9,28 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from orthotorch.graph_sampling import random_matching, round_robin_matching
+from givens_reference import (
+    dense_rotation,
+    per_thread_count_and_layout,
+    round_robin_rounds,
+    with_layout,
+)
+from orthotorch.graph_sampling import random_matching
 from orthotorch.manifolds import _native, givens
 from orthotorch.manifolds.givens import givens_adam_steps_
 from orthotorch.optim import OrthogonalAdam
 
 NATIVE = pytest.mark.skipif(_native.get_lib() is None, reason="native kernel unavailable")
-
-
-def rr_rounds(n, m, start=0):
-    rounds = n - 1 if n % 2 == 0 else n
-    return [round_robin_matching(n, (start + s) % rounds) for s in range(m)]
-
-
-def dense_rotation(n, i, j, theta):
-    """expm(Σ θ_p (E_ij − E_ji)) written out with cos/sin, float64."""
-    rot = torch.eye(n, dtype=torch.float64).expand(*theta.shape[:-1], n, n).clone()
-    c, s = torch.cos(theta), torch.sin(theta)
-    for p in range(i.numel()):
-        a, b = int(i[p]), int(j[p])
-        rot[..., a, a], rot[..., b, b] = c[..., p], c[..., p]
-        rot[..., a, b], rot[..., b, a] = s[..., p], -s[..., p]
-    return rot
 
 
 def dense_reference(x, g, m, rounds, step, state, betas, eps, scales, update):
@@ -117,7 +107,7 @@ def run_loop(x, g, m, rounds, step, state, betas=(0.9, 0.999), eps=1e-8, scales=
 def test_fused_equals_dense_reference_and_loop(dtype, n, k, batch, amsgrad, scaled, update):
     x0, g, m0, state = make_problem(n, k, batch, dtype, amsgrad, seed=n + k)
     gen = torch.Generator().manual_seed(1)
-    rounds = [*rr_rounds(n, 5, start=3), random_matching(n, generator=gen)]
+    rounds = [*round_robin_rounds(n, 5, start=3), random_matching(n, generator=gen)]
     scales = [torch.rand(r.i.numel(), generator=gen) + 0.5 if scaled else None for r in rounds]
     step, betas = 0.05, (0.8, 0.99)
     x, m, st = run_fused(x0, g, m0, rounds, step, state, betas, 1e-8, scales, update)
@@ -155,7 +145,7 @@ def test_fused_equals_loop_bitwise_where_the_arithmetic_is_the_same(
     for seed in range(4):
         x0, g, m0, state = make_problem(37, 9, (), dtype, amsgrad, seed=seed)
         rounds = [
-            *rr_rounds(37, 5),
+            *round_robin_rounds(37, 5),
             random_matching(37, generator=torch.Generator().manual_seed(seed)),
         ]
         fused = run_fused(x0, g, m0, rounds, 0.05, state, (0.9, beta2))
@@ -168,26 +158,12 @@ def test_fused_equals_loop_bitwise_where_the_arithmetic_is_the_same(
 def test_torch_path_equals_dense_reference(monkeypatch):
     """Without the native kernel (other devices, half precision) the loop runs on torch primitives."""
     x0, g, m0, state = make_problem(20, 6, (), torch.float64, amsgrad=True)
-    rounds = rr_rounds(20, 6)
+    rounds = round_robin_rounds(20, 6)
     ref = dense_reference(x0, g, m0, rounds, 0.05, state, (0.9, 0.999), 1e-8, [None] * 6, True)
     monkeypatch.setattr(_native, "get_lib", lambda: None)
     x, m, st = run_fused(x0, g, m0, rounds, 0.05, state)
     assert torch.allclose(x, ref[0], atol=1e-12) and torch.allclose(m, ref[1], atol=1e-12)
     assert torch.allclose(st["row_sq"], ref[2], atol=1e-12)
-
-
-def with_layout(t, kind):
-    if kind == "row":
-        return t.contiguous().clone()
-    if kind == "col":
-        return t.mT.contiguous().mT.clone(memory_format=torch.preserve_format)
-    if kind == "sliced":  # no contiguous dimension: one row-major copy per call
-        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-        big[..., ::2] = t
-        return big[..., ::2]
-    big = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype)  # rows contiguous, padded
-    big[..., : t.shape[-1]] = t
-    return big[..., : t.shape[-1]]
 
 
 @NATIVE
@@ -197,7 +173,10 @@ def test_identical_bits_across_layouts(batch):
     n = 37 has a partial tile; batched column-major and sliced ones through one copy) gives the same bits
     as row-major, and keeps its strides; non-contiguous row state too."""
     x0, g0, m0, state = make_problem(37, 9, batch, torch.float32, amsgrad=True)
-    rounds = [*rr_rounds(37, 5), random_matching(37, generator=torch.Generator().manual_seed(0))]
+    rounds = [
+        *round_robin_rounds(37, 5),
+        random_matching(37, generator=torch.Generator().manual_seed(0)),
+    ]
     ref = run_fused(x0, g0, m0, rounds, 0.05, state)
     for lx in ("row", "col", "sliced", "padded"):
         for lg in ("row", "col", "sliced"):
@@ -228,7 +207,7 @@ def test_wide_weight_through_its_transpose():
     """A wide weight (k, n) stored row-major, rotated through .mT (the optimizer's wide case)."""
     k, n = 5, 40
     x0, g0, m0, state = make_problem(n, k, (), torch.float64)
-    rounds = rr_rounds(n, 8)
+    rounds = round_robin_rounds(n, 8)
     ref = dense_reference(x0, g0, m0, rounds, 0.1, state, (0.9, 0.999), 1e-8, [None] * 8, True)
     w, gw, mw = x0.mT.contiguous(), g0.mT.contiguous(), m0.mT.contiguous()
     st = {key: v.clone() for key, v in state.items()}
@@ -243,22 +222,18 @@ def test_thread_counts_give_the_same_bits():
     """Above the kernel's parallel threshold, any thread count and interleaving give the same bits."""
     n, k = 256, 64
     x0, g, m0, state = make_problem(n, k, (), torch.float32, amsgrad=True)
-    rounds = rr_rounds(n, 8, start=7)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
-            for lay in ("row", "col"):
-                x, m = with_layout(x0, lay), with_layout(m0, lay)
-                st = {key: v.clone() for key, v in state.items()}
-                givens_adam_steps_(
-                    x, g, m, rounds, 0.01, row_sq=st["row_sq"], row_count=st["row_count"],
-                    max_row_sq=st["max_row_sq"],
-                )  # fmt: skip
-                results.append((x.contiguous(), m.contiguous(), st["row_sq"], st["max_row_sq"]))
-    finally:
-        torch.set_num_threads(threads)
+    rounds = round_robin_rounds(n, 8, start=7)
+
+    def run(lay):
+        x, m = with_layout(x0, lay), with_layout(m0, lay)
+        st = {key: v.clone() for key, v in state.items()}
+        givens_adam_steps_(
+            x, g, m, rounds, 0.01, row_sq=st["row_sq"], row_count=st["row_count"],
+            max_row_sq=st["max_row_sq"],
+        )  # fmt: skip
+        return x.contiguous(), m.contiguous(), st["row_sq"], st["max_row_sq"]
+
+    results = per_thread_count_and_layout(run)
     for got in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 
@@ -294,7 +269,7 @@ def test_orthogonality_and_determinant_preserved():
     rs, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     for t in range(1, 41):
         g = torch.randn(n, n, dtype=torch.float64, generator=gen)
-        rounds = rr_rounds(n, 16, start=16 * t)
+        rounds = round_robin_rounds(n, 16, start=16 * t)
         givens_adam_steps_(x, g, m, rounds, 0.05 / (1 - 0.9**t), row_sq=rs, row_count=count)
     eye = torch.eye(n, dtype=torch.float64)
     assert float((x.mT @ x - eye).norm()) < 1e-12

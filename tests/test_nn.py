@@ -41,6 +41,13 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _rnn64(input_size, hidden_size, seed, **kwargs):
+    """A float64 ``OrthogonalRNN`` initialised from ``gen(seed)`` (the reference comparisons' setup)."""
+    return OrthogonalRNN(
+        input_size, hidden_size, dtype=torch.float64, generator=gen(seed), **kwargs
+    )
+
+
 def _optimizer(model, constraint, lr=0.05):
     if constraint == "givens":
         return OrthogonalAdam(model.parameters(), lr=lr)
@@ -72,15 +79,7 @@ def _reference_rnn(rnn, x, h0=None, lengths=None):
 @pytest.mark.parametrize("constraint", [*CONSTRAINTS, None])
 @pytest.mark.parametrize("nonlinearity", NONLIN)
 def test_forward_and_gradients_equal_explicit_loop(constraint, nonlinearity):
-    rnn = OrthogonalRNN(
-        5,
-        6,
-        num_layers=2,
-        nonlinearity=nonlinearity,
-        constraint=constraint,
-        dtype=torch.float64,
-        generator=gen(1),
-    )
+    rnn = _rnn64(5, 6, 1, num_layers=2, nonlinearity=nonlinearity, constraint=constraint)
     x = torch.randn(9, 3, 5, dtype=torch.float64, generator=gen(2))
     h0 = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen(3))
     out, h_n = rnn(x, h0)
@@ -97,15 +96,7 @@ def test_forward_and_gradients_equal_explicit_loop(constraint, nonlinearity):
 
 @pytest.mark.parametrize("nonlinearity", NONLIN)
 def test_lengths_and_packed_sequences_match_the_masked_reference(nonlinearity):
-    rnn = OrthogonalRNN(
-        4,
-        5,
-        num_layers=2,
-        nonlinearity=nonlinearity,
-        batch_first=True,
-        dtype=torch.float64,
-        generator=gen(5),
-    )
+    rnn = _rnn64(4, 5, 5, num_layers=2, nonlinearity=nonlinearity, batch_first=True)
     x = torch.randn(3, 7, 4, dtype=torch.float64, generator=gen(6))
     lengths = [7, 2, 5]
     out, h_n = rnn(x, lengths=lengths)
@@ -227,26 +218,10 @@ def _grad_ratio(rnn: OrthogonalRNN, T: int) -> float:
 
 def test_gradient_norm_through_1000_steps_orthogonal_vs_unconstrained():
     T, d = 1000, 32
-    orth = OrthogonalRNN(
-        2,
-        d,
-        nonlinearity="modrelu",
-        constraint="givens",
-        init="haar",
-        dtype=torch.float64,
-        generator=gen(13),
-    )
+    orth = _rnn64(2, d, 13, nonlinearity="modrelu", constraint="givens", init="haar")
     with torch.no_grad():
         orth.cells[0].activation.bias.zero_()  # modReLU with b = 0 is sign(z)|z|: norm preserving
-    plain = OrthogonalRNN(
-        2,
-        d,
-        nonlinearity="modrelu",
-        constraint=None,
-        init="haar",
-        dtype=torch.float64,
-        generator=gen(13),
-    )
+    plain = _rnn64(2, d, 13, nonlinearity="modrelu", constraint=None, init="haar")
     with torch.no_grad():  # a standard unconstrained init: W ~ N(0, 1/d)
         plain.cells[0].weight_hh.copy_(
             torch.randn(d, d, dtype=torch.float64, generator=gen(14)) / math.sqrt(d)
@@ -257,15 +232,7 @@ def test_gradient_norm_through_1000_steps_orthogonal_vs_unconstrained():
     assert abs(r_orth - 1.0) < 1e-6  # exactly preserved by an orthogonal Jacobian
     assert r_plain < 1e-3 or r_plain > 1e3  # vanishes (or explodes) without the constraint
     # the default modReLU bias (±0.01) and tanh keep it within a few orders, not 1e-3 … 1e3 of drift
-    orth_b = OrthogonalRNN(
-        2,
-        d,
-        nonlinearity="modrelu",
-        constraint="cwy",
-        init="henaff",
-        dtype=torch.float64,
-        generator=gen(15),
-    )
+    orth_b = _rnn64(2, d, 15, nonlinearity="modrelu", constraint="cwy", init="henaff")
     assert 0.05 < _grad_ratio(orth_b, T) < 20
 
 

@@ -409,6 +409,32 @@ def test_unbiased_scaling_matches_full_step_in_expectation():
 # torch bit-identity on unconstrained parameters
 
 
+def _twins(shapes):
+    """Random unconstrained parameters of ``shapes`` (``ours``), copies of them for torch's optimizer
+    (``theirs``) and a float32 (6, 6) weight ``q`` on SO(6) for a constrained group of ours."""
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    return ours, theirs, q
+
+
+def _assert_steps_equal_torch(our_cls, torch_cls, shapes, manifold, kwargs):
+    """Five steps of ``our_cls`` (with a constrained group of ``manifold``) and ``torch_cls`` on the same
+    fresh gradients: the unconstrained parameters must agree bitwise after every step."""
+    ours, theirs, q = _twins(shapes)
+    opt = our_cls([{"params": ours}, {"params": [q], "manifold": manifold}], **kwargs)
+    ref = torch_cls(theirs, **kwargs)
+    for _ in range(5):
+        for a, b in zip(ours, theirs):
+            g = torch.randn(a.shape)
+            a.grad, b.grad = g.clone(), g.clone()
+        q.grad = torch.randn(6, 6)
+        opt.step()
+        ref.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -420,20 +446,7 @@ def test_unbiased_scaling_matches_full_step_in_expectation():
 )
 def test_unconstrained_params_bit_identical_to_torch_sgd(kwargs):
     shapes = [(5, 3), (7,), (4, 4, 2)]
-    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
-    opt = OrthogonalSGD([{"params": ours}, {"params": [q], "manifold": "orthogonal"}], **kwargs)
-    ref = torch.optim.SGD(theirs, **kwargs)
-    for _ in range(5):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape)
-            a.grad, b.grad = g.clone(), g.clone()
-        q.grad = torch.randn(6, 6)
-        opt.step()
-        ref.step()
-        for a, b in zip(ours, theirs):
-            assert torch.equal(a, b)
+    _assert_steps_equal_torch(OrthogonalSGD, torch.optim.SGD, shapes, "orthogonal", kwargs)
 
 
 @pytest.mark.parametrize(
@@ -445,21 +458,7 @@ def test_unconstrained_params_bit_identical_to_torch_sgd(kwargs):
     ],
 )
 def test_unconstrained_params_bit_identical_to_torch_adam(kwargs):
-    shapes = [(5, 3), (7,)]
-    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
-    opt = OrthogonalAdam([{"params": ours}, {"params": [q], "manifold": "so"}], **kwargs)
-    ref = torch.optim.Adam(theirs, **kwargs)
-    for _ in range(5):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape)
-            a.grad, b.grad = g.clone(), g.clone()
-        q.grad = torch.randn(6, 6)
-        opt.step()
-        ref.step()
-        for a, b in zip(ours, theirs):
-            assert torch.equal(a, b)
+    _assert_steps_equal_torch(OrthogonalAdam, torch.optim.Adam, [(5, 3), (7,)], "so", kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -762,6 +761,19 @@ def _grads(params, seed):
         p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
 
 
+def _assert_side_by_side_equal(opt, ref, ours, theirs, q, steps):
+    """``steps`` steps of ``opt`` and ``ref`` with the same seeded gradients on ``ours``/``theirs`` (a
+    fresh random one on ``q``); the unconstrained parameters must then agree bitwise."""
+    for s in range(steps):
+        _grads(ours, s)
+        _grads(theirs, s)
+        q.grad = torch.randn(6, 6)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
 def _save_load(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -946,41 +958,24 @@ def test_torch_flags_are_accepted_and_impossible_values_refused(cls):
     ],
 )
 def test_fused_and_foreach_are_forwarded_to_torch(cls, ref_cls, kwargs):
-    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    ours, theirs, q = _twins([(5, 3), (7,)])
     opt = cls([{"params": ours}, {"params": [q], "manifold": "so"}], **kwargs)
     ref = ref_cls(theirs, **kwargs)
-    for s in range(4):
-        _grads(ours, s)
-        _grads(theirs, s)
-        q.grad = torch.randn(6, 6)
-        opt.step()
-        ref.step()
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
+    _assert_side_by_side_equal(opt, ref, ours, theirs, q, 4)
     assert orth_error(q.detach().double()) < 1e-5
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_tensor_lr_is_kept_a_tensor_and_matches_torch_adam(amsgrad):
-    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    q = torch.nn.Parameter(_orth(6, dtype=torch.float32))
+    ours, theirs, q = _twins([(5, 3), (7,)])
     lr = torch.tensor(0.0123)
     opt = OrthogonalAdam(
         [{"params": ours}, {"params": [q], "manifold": "so"}], lr=lr, amsgrad=amsgrad
     )
     ref = torch.optim.Adam(theirs, lr=lr.clone(), amsgrad=amsgrad)
     assert all(torch.is_tensor(g["lr"]) for g in opt.param_groups)
-    for s in range(5):
-        _grads(ours, s)
-        _grads(theirs, s)
-        q.grad = torch.randn(6, 6)
-        opt.step()
-        ref.step()
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)  # was 1 ulp off: the tensor was converted to a float
+    # was 1 ulp off: the tensor was converted to a float
+    _assert_side_by_side_equal(opt, ref, ours, theirs, q, 5)
     with pytest.raises(ValueError, match="one-element"):
         OrthogonalAdam(ours, lr=torch.tensor([0.1, 0.2]))
     with pytest.raises(ValueError, match="lr"):

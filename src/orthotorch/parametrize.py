@@ -127,6 +127,19 @@ def _check_target(name: str, x: torch.Tensor, layout: WeightLayout) -> torch.Ten
     return layout.to_tall(x)
 
 
+def _projected_target(weight: torch.Tensor, layout: WeightLayout, group: str) -> torch.Tensor:
+    """The checked target's tall view ``(*batch, n, k)``, QR-projected (positive ``R`` diagonal); a
+    square target of determinant −1 is refused for ``group="SO"``. Shared by the ``base``-buffer
+    parametrizations' :meth:`right_inverse`."""
+    x = qr_sign_fixed(_check_target("weight", weight, layout))
+    if layout.square and group == "SO" and bool((det_sign(x) < 0).any()):
+        raise ValueError(
+            "`weight` must have determinant +1 for group='SO', got a target with determinant "
+            f"-1 ({describe(weight)}); use group='O' to allow both components"
+        )
+    return x
+
+
 class CWYOrthogonal(nn.Module):
     """CWY / T-CWY parametrization: weight = ``layout(product(U) * signs)``.
 
@@ -245,14 +258,9 @@ class SkewOrthogonal(nn.Module):
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Sets ``base`` to an orthogonal completion of the (QR-projected) weight, returns zeros."""
-        x = qr_sign_fixed(_check_target("weight", weight, self.layout))
+        x = _projected_target(weight, self.layout, self.group)
         n, k = self.layout.n, self.layout.k
         if self.layout.square:
-            if self.group == "SO" and bool((det_sign(x) < 0).any()):
-                raise ValueError(
-                    "`weight` must have determinant +1 for group='SO', got a target with "
-                    f"determinant -1 ({describe(weight)}); use group='O' to allow both components"
-                )
             base = x
         else:
             full = torch.linalg.qr(x.to(compute_dtype(x.dtype)), mode="complete")[0]
@@ -378,12 +386,7 @@ class GivensOrthogonal(nn.Module):
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """Sets ``base`` to the (QR-projected) weight, returns zero angles ``(*batch, n(n−1)/2)``."""
-        x = qr_sign_fixed(_check_target("weight", weight, self.layout))
-        if self.layout.square and self.group == "SO" and bool((det_sign(x) < 0).any()):
-            raise ValueError(
-                "`weight` must have determinant +1 for group='SO', got a target with determinant "
-                f"-1 ({describe(weight)}); use group='O' to allow both components"
-            )
+        x = _projected_target(weight, self.layout, self.group)
         self.base.copy_(x.to(self.base.dtype))
         return x.new_zeros(*self.layout.batch, self.num_angles)
 

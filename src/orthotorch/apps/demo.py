@@ -29,6 +29,7 @@ import torch
 
 from orthotorch.apps import procrustes
 from orthotorch.apps._argtypes import int_at_least, positive_real
+from orthotorch.apps._threads import torch_threads
 from orthotorch.apps.rnn import RunConfig, RunResult, baseline, evaluate, plot_logs, train
 
 __all__ = ["DEMO_METHODS", "DemoRow", "register", "run_demo", "verdict"]
@@ -94,12 +95,8 @@ def run_demo(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _run_demo(T, hidden, seconds, batch, seed, out, threads, methods, progress, printer)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run_demo(

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from orthotorch.apps._argtypes import int_at_least, positive_real, real
+from orthotorch.apps._threads import torch_threads
 from orthotorch.nn import OrthogonalRNN, orthogonality_error
 from orthotorch.nn import tasks as T_
 from orthotorch.nn.constraints import CONSTRAINTS
@@ -319,24 +320,18 @@ def train(
     ``progress(iteration, wall, loss)`` is called after every iteration. Wall time counts the
     training step only (data, forward, backward, optimizer), not the logging.
     """
-    before = torch.get_num_threads()
-    try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        return _train(cfg, out_dir, resume=resume, progress=progress, log_every=log_every)
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(cfg.threads or None):  # 0, like None, keeps the caller's count
+        return _train(cfg, out_dir, resume, progress, log_every)
 
 
 def _train(
     cfg: RunConfig,
-    out_dir: Path | str | None = None,
-    *,
-    resume: bool = False,
-    progress: Callable[[int, float, float], None] | None = None,
-    log_every: int = 1,
+    out_dir: Path | str | None,
+    resume: bool,
+    progress: Callable[[int, float, float], None] | None,
+    log_every: int,
 ) -> RunResult:
-    """The body of :func:`train` (which sets and restores the thread count)."""
+    """The body of :func:`train`, which sets and restores the thread count (defaults live there)."""
     check_config(cfg)
     out = Path(out_dir) if out_dir is not None else None
     model_gen = torch.Generator().manual_seed(cfg.seed)

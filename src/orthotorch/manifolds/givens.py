@@ -533,10 +533,7 @@ def _fused_single_(
         float(lr), scale, 1, 0, 0.0, 1.0, w,
     )  # fmt: skip
     _raise_rc(rc, ii, jj, n)
-    if xw is not x:
-        x.copy_(xw)
-    if yw is not y:
-        y.copy_(yw)
+    _copy_back((x, xw), (y, yw))
     return w.view(*x.shape[:-2], num_pairs)
 
 
@@ -602,6 +599,12 @@ def _scales(
     return out
 
 
+def _check_rounds(mats: list[tuple[torch.Tensor, torch.Tensor]], n: int, *, full: bool) -> None:
+    """:func:`_check_pairs` on every matching, the failing one named (``rounds[s]``) in the message."""
+    for s, (ii, jj) in enumerate(mats):
+        _check_pairs(ii, jj, n, full=full, where=f" of rounds[{s}]")
+
+
 def _steps_torch(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -647,6 +650,52 @@ def _kernel_layout(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]
     return c, view[1:]
 
 
+def _flat_rounds(
+    mats: list[tuple[torch.Tensor, torch.Tensor]], scs: list[torch.Tensor | None], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The ``m`` matchings as the fused kernels take them: ``(off, i, j, scale)`` with ``i``, ``j`` the
+    ``(ΣP,)`` concatenated pairs, ``off`` ``(m + 1,)`` int64 where matching ``s`` starts (``off[m] = ΣP``)
+    and ``scale`` ``(ΣP,)`` in ``x``'s dtype (ones for matchings without scales; ``None`` when none has)."""
+    off = torch.tensor(
+        list(itertools.accumulate((ii.numel() for ii, _ in mats), initial=0)), dtype=torch.int64
+    )
+    if len(mats) == 1:
+        ii_all, jj_all = mats[0]
+    else:
+        ii_all = torch.cat([ii for ii, _ in mats]) if mats else torch.zeros(0, dtype=torch.int64)
+        jj_all = torch.cat([jj for _, jj in mats]) if mats else torch.zeros(0, dtype=torch.int64)
+    scale = None
+    if any(sc is not None for sc in scs):
+        scale = torch.cat(
+            [
+                torch.ones(ii.numel(), dtype=x.dtype) if sc is None else sc.to(x.dtype)
+                for sc, (ii, _) in zip(scs, mats)
+            ]
+        )
+    return off, ii_all, jj_all, scale
+
+
+def _rounds_error(
+    rc: int,
+    mats: list[tuple[torch.Tensor, torch.Tensor]],
+    ii_all: torch.Tensor,
+    jj_all: torch.Tensor,
+    n: int,
+) -> Exception:
+    """The exception for a fused kernel's failed pair check (the kernel wrote nothing): the per-matching
+    check raises first where it can name the failing matching, else :func:`_pair_error` on all pairs."""
+    _check_rounds(mats, n, full=True)
+    return _pair_error(rc, ii_all, jj_all, n)
+
+
+def _copy_back(*pairs: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+    """Write each kernel working copy back into its caller's tensor, for the ``(dst, src)`` pairs where
+    :func:`_kernel_layout` had to copy (``src is not dst``; ``None`` entries are skipped)."""
+    for dst, src in pairs:
+        if dst is not None and src is not None and src is not dst:
+            dst.copy_(src)
+
+
 def _steps_native(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -663,18 +712,7 @@ def _steps_native(
     gw, sg = _kernel_layout(g)
     bw, sb = (None, (0, 0, 1)) if buf is None else _kernel_layout(buf)
     batch = math.prod(x.shape[:-2])
-    sizes = [ii.numel() for ii, _ in mats]
-    off = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
-    ii_all = torch.cat([ii for ii, _ in mats]) if mats else torch.zeros(0, dtype=torch.int64)
-    jj_all = torch.cat([jj for _, jj in mats]) if mats else torch.zeros(0, dtype=torch.int64)
-    scale = None
-    if any(sc is not None for sc in scs):
-        scale = torch.cat(
-            [
-                torch.ones(ii.numel(), dtype=x.dtype) if sc is None else sc.to(x.dtype)
-                for sc, (ii, _) in zip(scs, mats)
-            ]
-        )
+    off, ii_all, jj_all, scale = _flat_rounds(mats, scs, x)
     mode = 0 if bw is None else (2 if nesterov else 1)
     rc = _call(
         "steps", x.dtype, xw, *sx, gw, *sg, bw, *sb, ii_all, jj_all, off, len(mats), batch,
@@ -682,14 +720,8 @@ def _steps_native(
         float(mu), float(1 - dampening), None,
     )  # fmt: skip
     if rc:
-        # locate the failing matching for the message (nothing was written)
-        for s, (ii, jj) in enumerate(mats):
-            _check_pairs(ii, jj, x.shape[-2], full=True, where=f" of rounds[{s}]")
-        raise _pair_error(rc, ii_all, jj_all, x.shape[-2])
-    if xw is not x:
-        x.copy_(xw)
-    if buf is not None and bw is not None and bw is not buf:
-        buf.copy_(bw)
+        raise _rounds_error(rc, mats, ii_all, jj_all, x.shape[-2])
+    _copy_back((x, xw), (buf, bw))
 
 
 @torch.no_grad()
@@ -777,14 +809,12 @@ def givens_steps_(
     scs = _scales(scales, mats, x)
     n = x.shape[-2]
     if x.numel() == 0:
-        for s, (ii, jj) in enumerate(mats):
-            _check_pairs(ii, jj, n, full=check, where=f" of rounds[{s}]")
+        _check_rounds(mats, n, full=check)
         return x
     if _use_native(x, g):
         _steps_native(x, g, mats, scs, lr, buf, mu, tau, nesterov, update_buffer)
         return x
-    for s, (ii, jj) in enumerate(mats):
-        _check_pairs(ii, jj, n, full=check, where=f" of rounds[{s}]")
+    _check_rounds(mats, n, full=check)
     _steps_torch(x, g, mats, scs, lr, buf, mu, tau, nesterov, update_buffer)
     return x
 
@@ -872,33 +902,15 @@ def _adam_steps_native(
         t if t is None or t.is_contiguous() else t.contiguous() for t in (row_sq, count, max_sq)
     ]
     n, batch = x.shape[-2], math.prod(x.shape[:-2])
-    off = torch.tensor(list(itertools.accumulate((ii.numel() for ii, _ in mats), initial=0)))
-    if len(mats) == 1:
-        ii_all, jj_all = mats[0]
-    else:
-        ii_all = torch.cat([ii for ii, _ in mats]) if mats else torch.zeros(0, dtype=torch.int64)
-        jj_all = torch.cat([jj for _, jj in mats]) if mats else torch.zeros(0, dtype=torch.int64)
-    scale = None
-    if any(sc is not None for sc in scs):
-        scale = torch.cat(
-            [
-                torch.ones(ii.numel(), dtype=x.dtype) if sc is None else sc.to(x.dtype)
-                for sc, (ii, _) in zip(scs, mats)
-            ]
-        )
+    off, ii_all, jj_all, scale = _flat_rounds(mats, scs, x)
     rc = _call(
         "adam_steps", x.dtype, xw, *sx, gw, *sg, mw, *sm, ii_all, jj_all, off, len(mats), batch, n,
         x.shape[-1], float(step_size), scale, int(update), float(1 - beta1), *rows, float(beta2),
         float(1 - beta2), float(eps),
     )  # fmt: skip
     if rc:
-        # locate the failing matching for the message (nothing was written)
-        for s, (ii, jj) in enumerate(mats):
-            _check_pairs(ii, jj, n, full=True, where=f" of rounds[{s}]")
-        raise _pair_error(rc, ii_all, jj_all, n)
-    for dst, src in ((x, xw), (m, mw), (row_sq, rows[0]), (count, rows[1]), (max_sq, rows[2])):
-        if dst is not None and src is not None and src is not dst:
-            dst.copy_(src)
+        raise _rounds_error(rc, mats, ii_all, jj_all, n)
+    _copy_back((x, xw), (m, mw), (row_sq, rows[0]), (count, rows[1]), (max_sq, rows[2]))
 
 
 @torch.no_grad()
@@ -992,8 +1004,7 @@ def givens_adam_steps_(
     if x.numel() > 0 and _use_native(x, g):
         _adam_steps_native(x, g, exp_avg, mats, scs, *args)
         return x
-    for s, (ii, jj) in enumerate(mats):
-        _check_pairs(ii, jj, n, full=check, where=f" of rounds[{s}]")
+    _check_rounds(mats, n, full=check)
     _adam_steps_torch(x, g, exp_avg, mats, scs, *args)
     return x
 

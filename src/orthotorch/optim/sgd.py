@@ -17,6 +17,20 @@ from orthotorch.optim._tall import cayley_step_
 __all__ = ["OrthogonalSGD"]
 
 
+def _heavy_ball(
+    state: dict[str, Any], d: torch.Tensor, mu: float, dampening: float
+) -> torch.Tensor:
+    """torch.optim.SGD's momentum buffer ``B`` (``state["momentum_buffer"]``) for the direction ``d``:
+    a detached copy of ``d`` on the first step, then ``B ← μB + (1 − τ)d`` in place; returns ``B``."""
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = torch.clone(d).detach()
+        state["momentum_buffer"] = buf
+    else:
+        buf.mul_(mu).add_(d, alpha=1 - dampening)
+    return buf
+
+
 class OrthogonalSGD(GivensOptimizer):
     r"""Stochastic gradient descent that keeps orthogonal / Stiefel weights exactly on their manifold.
 
@@ -261,14 +275,7 @@ class OrthogonalSGD(GivensOptimizer):
         if mu == 0:
             cayley_step_(x, self._tall(grad, info), lr)
             return
-        state = self.state[p]
-        buf_p = state.get("momentum_buffer")
-        if buf_p is None:
-            buf_p = torch.clone(grad).detach()
-            state["momentum_buffer"] = buf_p
-        else:
-            buf_p.mul_(mu).add_(grad, alpha=1 - group["dampening"])
-        buf = self._tall(buf_p, info)
+        buf = self._tall(_heavy_ball(self.state[p], grad, mu, group["dampening"]), info)
         if group["nesterov"]:
             cayley_step_(x, self._tall(grad, info) + mu * buf, lr, moment=buf)
         else:
@@ -287,12 +294,7 @@ class OrthogonalSGD(GivensOptimizer):
         if mu == 0:
             p.data.copy_(manifold.retr(p.data, -lr * rgrad))
             return
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = torch.clone(rgrad).detach()
-            state["momentum_buffer"] = buf
-        else:
-            buf.mul_(mu).add_(rgrad, alpha=1 - group["dampening"])
+        buf = _heavy_ball(state, rgrad, mu, group["dampening"])
         direction = rgrad.add(buf, alpha=mu) if group["nesterov"] else buf
         new_p, new_buf = manifold.retr_transp(p.data, -lr * direction, buf)
         p.data.copy_(new_p)
