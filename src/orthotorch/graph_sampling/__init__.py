@@ -7,6 +7,7 @@ probability of each pair so callers can form unbiased estimates.
 from orthotorch.graph_sampling.colouring import edge_colouring, edge_colouring_classes
 from orthotorch.graph_sampling.matching import (
     Matching,
+    MatchingBlock,
     greedy_matching,
     random_matching,
     round_robin,
@@ -27,6 +28,7 @@ __all__ = [
     "ColouringSampler",
     "GreedySampler",
     "Matching",
+    "MatchingBlock",
     "MatchingSampler",
     "RandomMatchingSampler",
     "RoundRobinSampler",

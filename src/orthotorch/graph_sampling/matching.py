@@ -32,6 +32,25 @@ class Matching(NamedTuple):
         return Matching(self.i.to(device), self.j.to(device), self.prob.to(device))
 
 
+class MatchingBlock(NamedTuple):
+    """``m`` matchings of ``P`` pairs each, stacked: what a fused multi-matching step takes in one call
+    (:func:`orthotorch.manifolds.givens.givens_steps_`), without one tensor per matching.
+
+    Attributes:
+        i, j: int64 ``(m, P)`` row indices; row ``s`` is a matching (every row index at most once
+            across ``i[s]`` and ``j[s]``).
+        prob: ``(P,)`` float64 inclusion probability of each pair, shared by the ``m`` matchings.
+    """
+
+    i: torch.Tensor
+    j: torch.Tensor
+    prob: torch.Tensor
+
+    def matchings(self) -> list[Matching]:
+        """The ``m`` matchings one by one (views into ``i`` and ``j``)."""
+        return [Matching(a, b, self.prob) for a, b in zip(self.i.unbind(0), self.j.unbind(0))]
+
+
 def _device_of(
     generator: torch.Generator | None, device: torch.device | str | None
 ) -> torch.device:

@@ -15,6 +15,7 @@ from orthotorch._validation import check_generator, check_positive_int
 from orthotorch.graph_sampling.colouring import edge_colouring
 from orthotorch.graph_sampling.matching import (
     Matching,
+    MatchingBlock,
     greedy_matching,
     random_matching,
     round_robin_matching,
@@ -132,20 +133,28 @@ class RoundRobinSampler(MatchingSampler):
         return cache[key]
 
     def sample_n(self, m, generator=None, *, device=None) -> list[Matching]:
-        """``m`` successive rounds as :meth:`sample` gives them, with a few tensor operations per cycle
-        instead of about ten per round, so that the per-step sampling cost of an optimizer does not
-        grow with ``matchings_per_step`` (it dominated small layers). For n ≤ 256 the whole cycle is
-        kept (≤ 0.5 MiB) and a step only slices it."""
+        """``m`` successive rounds as :meth:`sample` gives them (the matchings of :meth:`sample_block`)."""
+        return self.sample_block(m, generator, device=device).matchings()
+
+    def sample_block(self, m, generator=None, *, device=None) -> MatchingBlock:
+        """``m`` successive rounds as :meth:`sample` gives them, stacked into ``(m, P)`` index tensors
+        (every round has ``P = n // 2`` pairs), with a few tensor operations per cycle instead of about
+        ten per round, so that the per-step sampling cost of an optimizer does not grow with
+        ``matchings_per_step`` (it dominated small layers). For n ≤ 256 the whole cycle is kept
+        (≤ 0.5 MiB) and a step only slices it. The tensors are fresh: the caller may keep or modify them.
+        """
         check_positive_int("m", m)
         check_generator("generator", generator)
         n, rounds = self.n, self.rounds
-        out: list[Matching] = []
-        while len(out) < m:
+        chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        prob = None
+        done = 0
+        while done < m:
             r0 = self.position % rounds
             if self.shuffle and (r0 == 0 or self._perm is None):
                 gdev = generator.device if generator is not None else torch.device("cpu")
                 self._perm = torch.randperm(n, generator=generator, device=gdev)
-            count = min(m - len(out), rounds - r0)  # up to the end of the cycle
+            count = min(m - done, rounds - r0)  # up to the end of the cycle
             if n <= 256:
                 ci, cj, prob = self._cycle(device)
                 i, j = ci[r0 : r0 + count], cj[r0 : r0 + count]
@@ -163,11 +172,17 @@ class RoundRobinSampler(MatchingSampler):
                 assert self._perm is not None
                 perm = self._perm.to(i.device)
                 i, j = perm[i], perm[j]
-            elif n <= 256:  # fresh tensors: the caller may keep or modify them
+            elif n <= 256 and count == m:  # a slice of the cached cycle: copy
                 i, j = i.clone(), j.clone()
-            out.extend(Matching(a, b, prob) for a, b in zip(i.unbind(0), j.unbind(0)))
+            chunks.append((i, j))
+            done += count
             self.position += count
-        return out
+        assert prob is not None
+        if len(chunks) == 1:
+            return MatchingBlock(chunks[0][0], chunks[0][1], prob)
+        return MatchingBlock(
+            torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]), prob
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -27,11 +27,13 @@ import ctypes
 import itertools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from orthotorch._compat import functorch_transforms_active
 from orthotorch._validation import check_bool, check_floating, check_matrix, check_real, describe
+from orthotorch.graph_sampling.matching import MatchingBlock
 from orthotorch.manifolds import _native
 
 __all__ = [
@@ -60,6 +62,9 @@ def native_status() -> str:
 # argument handling
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _index(name: str, idx: IndexLike, device: torch.device) -> torch.Tensor:
     if (
         type(idx) is torch.Tensor
@@ -71,7 +76,7 @@ def _index(name: str, idx: IndexLike, device: torch.device) -> torch.Tensor:
         return idx  # the optimizers' case: nothing to convert
     if not isinstance(idx, torch.Tensor):
         idx = torch.as_tensor(list(idx), dtype=torch.int64)
-    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if idx.dtype not in _INDEX_DTYPES:
         raise TypeError(f"`{name}` must be an integer tensor of row indices, got dtype {idx.dtype}")
     if idx.dim() != 1:
         raise ValueError(f"`{name}` must be 1-D (P,), got shape {tuple(idx.shape)}")
@@ -543,6 +548,9 @@ def _fused_single_(
 
 def _rounds(rounds: object, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``rounds`` as a list of ``(i, j)`` int64 index tensors."""
+    if isinstance(rounds, MatchingBlock):
+        i, j = _block_indices(rounds, device)
+        return list(zip(i.unbind(0), j.unbind(0)))
     if isinstance(rounds, torch.Tensor):
         if rounds.dim() != 3 or rounds.shape[-1] != 2:
             raise ValueError(
@@ -650,12 +658,30 @@ def _kernel_layout(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]
     return c, view[1:]
 
 
+class _Flat(NamedTuple):
+    """The ``m`` matchings as the fused kernels take them: ``i``, ``j`` the ``(ΣP,)`` concatenated pairs,
+    ``off`` ``(m + 1,)`` int64 where matching ``s`` starts (``off[m] = ΣP``), ``scale`` ``(ΣP,)`` in the
+    weight's dtype (ones for matchings without scales; ``None`` when none has)."""
+
+    off: torch.Tensor
+    i: torch.Tensor
+    j: torch.Tensor
+    scale: torch.Tensor | None
+
+    @property
+    def m(self) -> int:
+        return self.off.numel() - 1
+
+    def matchings(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The matchings one by one (for error messages)."""
+        bounds = self.off.tolist()
+        return [(self.i[a:b], self.j[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
 def _flat_rounds(
     mats: list[tuple[torch.Tensor, torch.Tensor]], scs: list[torch.Tensor | None], x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The ``m`` matchings as the fused kernels take them: ``(off, i, j, scale)`` with ``i``, ``j`` the
-    ``(ΣP,)`` concatenated pairs, ``off`` ``(m + 1,)`` int64 where matching ``s`` starts (``off[m] = ΣP``)
-    and ``scale`` ``(ΣP,)`` in ``x``'s dtype (ones for matchings without scales; ``None`` when none has)."""
+) -> _Flat:
+    """:class:`_Flat` of a list of matchings (and their optional scales)."""
     off = torch.tensor(
         list(itertools.accumulate((ii.numel() for ii, _ in mats), initial=0)), dtype=torch.int64
     )
@@ -672,20 +698,51 @@ def _flat_rounds(
                 for sc, (ii, _) in zip(scs, mats)
             ]
         )
-    return off, ii_all, jj_all, scale
+    return _Flat(off, ii_all, jj_all, scale)
 
 
-def _rounds_error(
-    rc: int,
-    mats: list[tuple[torch.Tensor, torch.Tensor]],
-    ii_all: torch.Tensor,
-    jj_all: torch.Tensor,
-    n: int,
-) -> Exception:
+def _block_indices(block: MatchingBlock, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's ``(m, P)`` index tensors, checked (integer, 2-D, the same shape), int64 on ``device``."""
+    out = []
+    for name, t in (("rounds.i", block.i), ("rounds.j", block.j)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES:
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"`{name}` must be an integer tensor of row indices, got {what}")
+        if t.dim() != 2:
+            raise ValueError(f"`{name}` must be 2-D (m, P), got shape {tuple(t.shape)}")
+        out.append(t.to(device=device, dtype=torch.int64).contiguous())
+    if out[0].shape != out[1].shape:
+        raise ValueError(
+            f"`rounds.i` and `rounds.j` must have the same shape, got {tuple(out[0].shape)} and "
+            f"{tuple(out[1].shape)}"
+        )
+    return out[0], out[1]
+
+
+def _flat_block(block: MatchingBlock, scales: object, x: torch.Tensor) -> _Flat:
+    """:class:`_Flat` of a :class:`MatchingBlock` without one tensor per matching (the optimizers'
+    default path: its per-matching Python work dominated the step of small layers)."""
+    i, j = _block_indices(block, x.device)
+    m, pairs = i.shape
+    scale = None
+    if scales is not None:
+        if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (m, pairs):
+            got = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
+            raise ValueError(
+                f"`scales` of a MatchingBlock must be None or an (m, P) = {(m, pairs)} tensor, got {got}"
+            )
+        scale = scales.to(device=x.device, dtype=x.dtype).reshape(-1).contiguous()
+    off = torch.arange(0, (m + 1) * pairs, max(pairs, 1), dtype=torch.int64)[: m + 1]
+    if pairs == 0:
+        off = torch.zeros(m + 1, dtype=torch.int64)
+    return _Flat(off, i.reshape(-1), j.reshape(-1), scale)
+
+
+def _rounds_error(rc: int, flat: _Flat, n: int) -> Exception:
     """The exception for a fused kernel's failed pair check (the kernel wrote nothing): the per-matching
     check raises first where it can name the failing matching, else :func:`_pair_error` on all pairs."""
-    _check_rounds(mats, n, full=True)
-    return _pair_error(rc, ii_all, jj_all, n)
+    _check_rounds(flat.matchings(), n, full=True)
+    return _pair_error(rc, flat.i, flat.j, n)
 
 
 def _copy_back(*pairs: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
@@ -699,8 +756,7 @@ def _copy_back(*pairs: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
 def _steps_native(
     x: torch.Tensor,
     g: torch.Tensor,
-    mats: list[tuple[torch.Tensor, torch.Tensor]],
-    scs: list[torch.Tensor | None],
+    flat: _Flat,
     lr: float,
     buf: torch.Tensor | None,
     mu: float,
@@ -712,15 +768,14 @@ def _steps_native(
     gw, sg = _kernel_layout(g)
     bw, sb = (None, (0, 0, 1)) if buf is None else _kernel_layout(buf)
     batch = math.prod(x.shape[:-2])
-    off, ii_all, jj_all, scale = _flat_rounds(mats, scs, x)
     mode = 0 if bw is None else (2 if nesterov else 1)
     rc = _call(
-        "steps", x.dtype, xw, *sx, gw, *sg, bw, *sb, ii_all, jj_all, off, len(mats), batch,
-        x.shape[-2], x.shape[-1], float(lr), scale, mode, int(update_buffer and bw is not None),
+        "steps", x.dtype, xw, *sx, gw, *sg, bw, *sb, flat.i, flat.j, flat.off, flat.m, batch,
+        x.shape[-2], x.shape[-1], float(lr), flat.scale, mode, int(update_buffer and bw is not None),
         float(mu), float(1 - dampening), None,
     )  # fmt: skip
     if rc:
-        raise _rounds_error(rc, mats, ii_all, jj_all, x.shape[-2])
+        raise _rounds_error(rc, flat, x.shape[-2])
     _copy_back((x, xw), (buf, bw))
 
 
@@ -765,9 +820,11 @@ def givens_steps_(
             works on rows, so a tensor whose rows are not contiguous, such as the ``.mT`` of a wide
             weight, is processed through one row-major copy per call).
         g: ``(..., n, k)`` Euclidean gradient (same shape/dtype/device as ``x``); read only.
-        rounds: the ``m`` matchings: an ``(m, P, 2)`` integer tensor (``rounds[s, p] = (i, j)``) or a
-            sequence of ``(i, j)`` index pairs (or ``Matching`` objects), possibly of different lengths.
-            Batched ``x`` shares the matchings over the batch.
+        rounds: the ``m`` matchings: a ``graph_sampling.MatchingBlock`` (``(m, P)`` index tensors, e.g.
+            ``RoundRobinSampler.sample_block``: the cheapest form, no tensor per matching), an
+            ``(m, P, 2)`` integer tensor (``rounds[s, p] = (i, j)``) or a sequence of ``(i, j)`` index
+            pairs (or ``Matching`` objects), possibly of different lengths. Batched ``x`` shares the
+            matchings over the batch.
         lr: step size ``η``.
         scales: optional per-pair multipliers: an ``(m, P)`` tensor or a sequence of ``(P_s,)`` tensors /
             ``None`` (e.g. ``1/(m·p_e)`` of an unbiased sampler), shared over the batch.
@@ -805,14 +862,20 @@ def givens_steps_(
             )
     elif nesterov:
         raise ValueError("`nesterov=True` needs a `momentum_buffer`")
+    n = x.shape[-2]
+    if isinstance(rounds, MatchingBlock) and x.numel() > 0 and _use_native(x, g):
+        _steps_native(
+            x, g, _flat_block(rounds, scales, x), lr, buf, mu, tau, nesterov, update_buffer
+        )
+        return x
     mats = _rounds(rounds, x.device)
     scs = _scales(scales, mats, x)
-    n = x.shape[-2]
     if x.numel() == 0:
         _check_rounds(mats, n, full=check)
         return x
     if _use_native(x, g):
-        _steps_native(x, g, mats, scs, lr, buf, mu, tau, nesterov, update_buffer)
+        flat = _flat_rounds(mats, scs, x)
+        _steps_native(x, g, flat, lr, buf, mu, tau, nesterov, update_buffer)
         return x
     _check_rounds(mats, n, full=check)
     _steps_torch(x, g, mats, scs, lr, buf, mu, tau, nesterov, update_buffer)
@@ -884,8 +947,7 @@ def _adam_steps_native(
     x: torch.Tensor,
     g: torch.Tensor,
     m: torch.Tensor,
-    mats: list[tuple[torch.Tensor, torch.Tensor]],
-    scs: list[torch.Tensor | None],
+    flat: _Flat,
     step_size: float,
     row_sq: torch.Tensor,
     count: torch.Tensor,
@@ -902,14 +964,13 @@ def _adam_steps_native(
         t if t is None or t.is_contiguous() else t.contiguous() for t in (row_sq, count, max_sq)
     ]
     n, batch = x.shape[-2], math.prod(x.shape[:-2])
-    off, ii_all, jj_all, scale = _flat_rounds(mats, scs, x)
     rc = _call(
-        "adam_steps", x.dtype, xw, *sx, gw, *sg, mw, *sm, ii_all, jj_all, off, len(mats), batch, n,
-        x.shape[-1], float(step_size), scale, int(update), float(1 - beta1), *rows, float(beta2),
-        float(1 - beta2), float(eps),
+        "adam_steps", x.dtype, xw, *sx, gw, *sg, mw, *sm, flat.i, flat.j, flat.off, flat.m, batch, n,
+        x.shape[-1], float(step_size), flat.scale, int(update), float(1 - beta1), *rows,
+        float(beta2), float(1 - beta2), float(eps),
     )  # fmt: skip
     if rc:
-        raise _rounds_error(rc, mats, ii_all, jj_all, n)
+        raise _rounds_error(rc, flat, n)
     _copy_back((x, xw), (m, mw), (row_sq, rows[0]), (count, rows[1]), (max_sq, rows[2]))
 
 
@@ -998,11 +1059,14 @@ def givens_adam_steps_(
     _row_state("row_count", row_count, (n,), x, acc)
     if max_row_sq is not None:
         _row_state("max_row_sq", max_row_sq, rows_shape, x, acc)
+    args = (step_size, row_sq, row_count, max_row_sq, beta1, beta2, eps, update_moment)
+    if isinstance(rounds, MatchingBlock) and x.numel() > 0 and _use_native(x, g):
+        _adam_steps_native(x, g, exp_avg, _flat_block(rounds, scales, x), *args)
+        return x
     mats = _rounds(rounds, x.device)
     scs = _scales(scales, mats, x)
-    args = (step_size, row_sq, row_count, max_row_sq, beta1, beta2, eps, update_moment)
     if x.numel() > 0 and _use_native(x, g):
-        _adam_steps_native(x, g, exp_avg, mats, scs, *args)
+        _adam_steps_native(x, g, exp_avg, _flat_rounds(mats, scs, x), *args)
         return x
     _check_rounds(mats, n, full=check)
     _adam_steps_torch(x, g, exp_avg, mats, scs, *args)

@@ -29,7 +29,9 @@ from orthotorch._validation import (
 from orthotorch.graph_sampling import (
     SAMPLER_ALIASES,
     GreedySampler,
+    MatchingBlock,
     MatchingSampler,
+    RoundRobinSampler,
     make_sampler,
     round_robin_matching,
 )
@@ -444,6 +446,33 @@ class GivensOptimizer(torch.optim.Optimizer):
                 scale = (1.0 / (m * mt.prob)).to(dtype=torch.float32, device=device)
             out.append((mt.i, mt.j, scale))
         return out
+
+    def _step_rounds(
+        self,
+        info: _ParamInfo,
+        group: dict[str, Any],
+        x: torch.Tensor,
+        direction: torch.Tensor | None,
+    ) -> tuple[MatchingBlock | list[tuple[torch.Tensor, torch.Tensor]], Any]:
+        """The step's matchings as the fused step takes them: ``(rounds, scales)``.
+
+        Round-robin schedules come as one :class:`MatchingBlock` (``(m, P)`` indices, scales ``None`` or
+        ``(m, P)``), so that a step does no Python work per matching; other samplers as the list of
+        :meth:`_matchings` with per-matching scales.
+        """
+        sampler = info.sampler
+        if isinstance(sampler, RoundRobinSampler) and group["sampler"] != "full":
+            block = sampler.sample_block(
+                group["matchings_per_step"], self._generator, device=x.device
+            )
+            scales = None
+            if group["unbiased"]:
+                m = block.i.shape[0]
+                scales = (1.0 / (m * block.prob)).to(dtype=torch.float32, device=x.device)
+                scales = scales.expand(m, -1)
+            return block, scales
+        matchings = self._matchings(info, group, x, direction)
+        return [(i, j) for i, j, _ in matchings], [scale for _, _, scale in matchings]
 
     def _filter_finite(
         self, group: dict[str, Any], params: list[torch.Tensor]

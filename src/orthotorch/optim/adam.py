@@ -256,20 +256,20 @@ class OrthogonalAdam(GivensOptimizer):
             # greedy matchings are read off the first moment, so its update happens first here
             exp_avg.lerp_(grad, 1 - beta1)
             update = False
-        matchings = self._matchings(info, group, x, m)
+        rounds, scales = self._step_rounds(info, group, x, m)
         # one fused pass over the rows for all matchings, the moment update and the per-row v
         givens_adam_steps_(
             x,
             g,
             m,
-            [(i, j) for i, j, _ in matchings],
+            rounds,
             float(group["lr"]) / (1 - beta1**t),
             row_sq=state["row_sq"],
             row_count=state["row_count"],
             betas=(beta1, beta2),
             eps=group["eps"],
             max_row_sq=state["max_row_sq"] if group["amsgrad"] else None,
-            scales=[scale for _, _, scale in matchings],
+            scales=scales,
             update_moment=update,
             check=False,
         )

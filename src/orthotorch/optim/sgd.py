@@ -250,14 +250,14 @@ class OrthogonalSGD(GivensOptimizer):
                 buf_p.mul_(mu).add_(grad, alpha=1 - group["dampening"])
                 update = False
             direction = g if buf_t is None else (g + mu * buf_t if nesterov else buf_t)
-        matchings = self._matchings(info, group, x, direction)
+        rounds, scales = self._step_rounds(info, group, x, direction)
         # one fused pass over the rows for all matchings (and the buffer update μB + (1 − τ)G)
         givens_steps_(
             x,
             g,
-            [(i, j) for i, j, _ in matchings],
+            rounds,
             lr,
-            scales=[scale for _, _, scale in matchings],
+            scales=scales,
             momentum_buffer=buf_t,
             momentum=mu,
             dampening=group["dampening"],
