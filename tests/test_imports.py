@@ -26,6 +26,7 @@ LAYERS = {
     "_validation": 0,
     "_numerics": 0,
     "_compat": 0,
+    "_threads": 0,
     "graph_sampling": 1,
     "manifolds": 1,
     "optim": 2,

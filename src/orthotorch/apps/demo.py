@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from orthotorch._threads import torch_threads
 from orthotorch.apps import procrustes
 from orthotorch.apps._argtypes import int_at_least, positive_real
-from orthotorch.apps._threads import torch_threads
 from orthotorch.apps.rnn import RunConfig, RunResult, baseline, evaluate, plot_logs, train
 
 __all__ = ["DEMO_METHODS", "DemoRow", "register", "run_demo", "verdict"]

@@ -53,6 +53,14 @@ _HYPER: tuple[tuple[str, str, Any], ...] = (
     ("max_episode_steps", "max_episode_steps", None),
     ("eval_every", "eval_every", 10),
     ("eval_episodes", "eval_episodes", 5),
+    ("screen", "screen_directions", 0),
+    ("screen_model", "screen_model", "orthogonal"),
+    ("screen_hidden", "screen_hidden", 32),
+    ("screen_horizon", "screen_horizon", 50),
+    ("screen_starts", "screen_starts", 8),
+    ("screen_every", "screen_every", 1),
+    ("screen_updates", "screen_updates", 100),
+    ("screen_buffer", "screen_buffer", 64),
 )
 
 
@@ -113,11 +121,11 @@ def _check_resume_flags(args: argparse.Namespace, saved: dict[str, Any], parser:
         parser.error(
             f"--env {args.env} differs from the checkpoint's environment {saved['env_id']}"
         )
-    for dest, field_name, _ in _HYPER:
+    for dest, field_name, default in _HYPER:
         v = getattr(args, dest)
         if v is None:
             continue
-        have = saved[field_name]
+        have = saved.get(field_name, default)  # screen_* fields are only saved when screening
         if (list(v) if isinstance(v, tuple) else v) != have:
             flag = "--" + dest.replace("_", "-")
             parser.error(
@@ -158,7 +166,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if ckpt_path.exists():
             parser.error(f"--out {out} already holds a run; pass --resume or choose another --out")
-        config = _config_from_args(args)
+        try:
+            config = _config_from_args(args)
+        except (ValueError, TypeError) as exc:  # combinations, e.g. --screen above --num-directions
+            parser.error(str(exc))
         try:
             env = make_env(config.env_id)
             info = env_info(env)
@@ -209,9 +220,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             with open(log_path, "a") as f:
                 f.write(json.dumps(_clean(record)) + "\n")
             bar.update(min(trainer.env_steps - before, budget - bar.n))
+            rho = record.get("screen_rank_corr")
             bar.set_postfix_str(
                 f"ret {record['return_mean']:.0f} len {record['length_mean']:.0f} "
                 f"fwd {record['forward_mean']:.2f}"
+                + ("" if rho is None else f" rho {rho:+.2f} model {record['screen_model_s']:.1f}s")
             )
             if trainer.iteration % args.checkpoint_every == 0:
                 save(ckpt_path)
@@ -636,6 +649,53 @@ def register(subparsers: Any) -> None:
         type=int_at_least(0),
         default=None,
         help="episodes per evaluation [5]",
+    )
+    t.add_argument(
+        "--screen",
+        type=int_at_least(0),
+        default=None,
+        metavar="N_KEPT",
+        help="world-model screening: the --num-directions candidates are scored in imagination and "
+        "only the N_KEPT best get real rollouts (0: off; --top-directions must be <= N_KEPT) [0]",
+    )
+    t.add_argument(
+        "--screen-model",
+        choices=wm.MODEL_KINDS,
+        default=None,
+        help="core of the screening world model [orthogonal]",
+    )
+    t.add_argument(
+        "--screen-hidden", type=int_at_least(1), default=None, help="world model width [32]"
+    )
+    t.add_argument(
+        "--screen-horizon",
+        type=int_at_least(1),
+        default=None,
+        help="imagined steps per screened perturbation [50]",
+    )
+    t.add_argument(
+        "--screen-starts",
+        type=int_at_least(1),
+        default=None,
+        help="real start states (from the buffer) per screened perturbation [8]",
+    )
+    t.add_argument(
+        "--screen-every",
+        type=int_at_least(1),
+        default=None,
+        help="fine-tune the world model every that many iterations [1]",
+    )
+    t.add_argument(
+        "--screen-updates",
+        type=int_at_least(1),
+        default=None,
+        help="world model training updates per fine-tuning [100]",
+    )
+    t.add_argument(
+        "--screen-buffer",
+        type=int_at_least(1),
+        default=None,
+        help="real episodes kept to train the world model and draw start states from [64]",
     )
     t.add_argument(
         "--backend",

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from orthotorch._threads import torch_threads
 from orthotorch.apps._argtypes import int_at_least, positive_real, real
-from orthotorch.apps._threads import torch_threads
 from orthotorch.nn import OrthogonalRNN, orthogonality_error
 from orthotorch.nn import tasks as T_
 from orthotorch.nn.constraints import CONSTRAINTS

@@ -9,6 +9,9 @@ signs), keep the ``b`` directions with the largest ``max(r_k⁺, r_k⁻)`` and s
 where ``σ_R`` is the standard deviation of the 2b kept returns (rewards may be shifted by a constant per
 step for training, e.g. Humanoid's survival bonus; reports always give the unshifted return). The running
 observation statistics are frozen during an iteration and updated afterwards with every visited state.
+
+With ``screen_directions`` > 0 the N directions are candidates: a world model scores all of them in
+imagination and only the ``screen_directions`` best get real rollouts (:mod:`~orthotorch.rl.screening`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from orthotorch._validation import check_choice, check_positive_int, check_real
 from orthotorch.rl.directions import SAMPLERS, DirectionSampler, make_sampler
 from orthotorch.rl.policies import POLICIES, Policy, RunningStat, make_policy
 from orthotorch.rl.rollout import EpisodeResult
+from orthotorch.rl.screening import Screener, rank_correlation
 from orthotorch.rl.workers import Backend, PairTask, WorkerSpec, episode_seed
+from orthotorch.rl.world_model import MODEL_KINDS
 
 __all__ = ["ARSConfig", "ARSTrainer", "ars_update", "summarise"]
 
@@ -107,6 +112,13 @@ class ARSConfig:
         seed: seeds the policy initialisation and the iteration seeds.
         max_episode_steps: cap below the environment's time limit (``None``: the environment's).
         eval_every, eval_episodes: evaluate the unperturbed policy every that many iterations (0: never).
+        screen_directions: world-model screening (:mod:`~orthotorch.rl.screening`): 0 (off) or the
+            number of the ``num_directions`` candidates that get real rollouts; top_directions must then
+            be <= it. The other ``screen_*`` fields only matter when it is > 0 (and are then saved):
+            screen_model (a ``world_model.MODEL_KINDS`` core), screen_hidden (its width), screen_horizon
+            (imagined steps), screen_starts (real start states per imagined rollout), screen_every
+            (fine-tune the model every that many iterations), screen_updates (training updates per
+            fine-tuning), screen_buffer (real episodes kept for training and start states).
     """
 
     env_id: str = "Humanoid-v5"
@@ -124,6 +136,14 @@ class ARSConfig:
     eval_every: int = 10
     eval_episodes: int = 5
     env_kwargs: dict[str, Any] = field(default_factory=dict)
+    screen_directions: int = 0
+    screen_model: str = "orthogonal"
+    screen_hidden: int = 32
+    screen_horizon: int = 50
+    screen_starts: int = 8
+    screen_every: int = 1
+    screen_updates: int = 100
+    screen_buffer: int = 64
 
     def __post_init__(self) -> None:
         check_choice("policy", self.policy, tuple(POLICIES))
@@ -145,12 +165,48 @@ class ARSConfig:
             check_positive_int("max_episode_steps", self.max_episode_steps)
         check_positive_int("eval_every", self.eval_every, minimum=0)
         check_positive_int("eval_episodes", self.eval_episodes, minimum=0)
+        check_positive_int("screen_directions", self.screen_directions, minimum=0)
+        if self.screen_directions > self.num_directions:
+            raise ValueError(
+                f"`screen_directions` must be <= num_directions ({self.num_directions}), "
+                f"got {self.screen_directions}"
+            )
+        if (
+            self.screen_directions
+            and self.top_directions is not None
+            and self.top_directions > self.screen_directions
+        ):
+            raise ValueError(
+                f"`top_directions` must be <= screen_directions ({self.screen_directions}) when "
+                f"screening, got {self.top_directions}"
+            )
+        check_choice("screen_model", self.screen_model, MODEL_KINDS)
+        for name in _SCREEN_INTS:
+            check_positive_int(name, getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form; ``ARSConfig(**d)`` inverts it."""
+        """JSON-serialisable form; ``ARSConfig(**d)`` inverts it.
+
+        Without screening the ``screen_*`` fields are left out, so configs (and checkpoints) are the
+        same as before screening existed.
+        """
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        if not self.screen_directions:
+            for name in _SCREEN_FIELDS:
+                del d[name]
         return d
+
+
+_SCREEN_INTS = (
+    "screen_hidden",
+    "screen_horizon",
+    "screen_starts",
+    "screen_every",
+    "screen_updates",
+    "screen_buffer",
+)
+_SCREEN_FIELDS = ("screen_directions", "screen_model", *_SCREEN_INTS)
 
 
 class ARSTrainer:
@@ -190,6 +246,20 @@ class ARSTrainer:
         self.env_steps = 0
         self.eval_env_steps = 0
         self.best: dict[str, Any] | None = None
+        self.screener: Screener | None = None
+        if config.screen_directions:
+            self.screener = Screener(
+                self.policy,
+                keep=config.screen_directions,
+                kind=config.screen_model,
+                hidden=config.screen_hidden,
+                horizon=config.screen_horizon,
+                starts=config.screen_starts,
+                every=config.screen_every,
+                updates=config.screen_updates,
+                buffer=config.screen_buffer,
+                seed=config.seed,
+            )
 
     def worker_spec(self) -> WorkerSpec:
         """The :class:`WorkerSpec` for backends that run this trainer's rollouts."""
@@ -208,23 +278,35 @@ class ARSTrainer:
             The iteration's log record: ``iteration``, ``env_steps``, ``eval_env_steps``, the return /
             length / forward-displacement summaries of the 2N training episodes, ``reward_std``,
             ``step_norm``, ``iteration_s`` and, on evaluation iterations, ``eval_*`` figures with the
-            per-episode ``eval_returns``/``eval_lengths``/``eval_forward``. The state changes only when the
-            whole iteration has succeeded.
+            per-episode ``eval_returns``/``eval_lengths``/``eval_forward``. With screening also
+            ``screen_*`` figures (:meth:`_screen_record`). The state changes only when the whole
+            iteration has succeeded.
         """
         cfg = self.config
         t0 = time.perf_counter()
         seed = int(self.rng.integers(2**63))
         n = cfg.num_directions
         mean, inv_std = self.obs_stat.normaliser()
+        indices = list(range(n))
+        if self.screener is not None:
+            candidates = self.sampler.sample(seed, n)
+            model, train_s = self.screener.trained_model(seed, self.iteration)
+            t1 = time.perf_counter()
+            indices, predicted = self.screener.select(
+                model, seed, self.params, candidates, cfg.noise, mean, inv_std, cfg.reward_shift
+            )
+            imagine_s = time.perf_counter() - t1
         pairs = backend.pairs(
-            PairTask(seed, n, cfg.noise, list(range(n)), self.params, mean, inv_std)
+            PairTask(
+                seed, n, cfg.noise, indices, self.params, mean, inv_std, self.screener is not None
+            )
         )
         episodes = [e for pair in pairs for e in pair]
         r_plus = np.array([p.ret - cfg.reward_shift * p.length for p, _ in pairs])
         r_minus = np.array([m.ret - cfg.reward_shift * m.length for _, m in pairs])
         params, info = ars_update(
             self.params,
-            self.sampler.sample(seed, n),
+            self.sampler.sample(seed, n) if self.screener is None else candidates[indices],
             r_plus,
             r_minus,
             step_size=cfg.step_size,
@@ -240,6 +322,12 @@ class ARSTrainer:
             **summarise(episodes),
             **info,
         }
+        if self.screener is not None:
+            record.update(
+                self._screen_record(
+                    indices, predicted, r_plus, r_minus, len(episodes), train_s, imagine_s
+                )
+            )
         evaluated = None
         if cfg.eval_every and cfg.eval_episodes and (self.iteration + 1) % cfg.eval_every == 0:
             m2, s2 = stat.normaliser()
@@ -251,6 +339,9 @@ class ARSTrainer:
             record["eval_forward"] = [e.forward for e in evaluated]
         # commit the new state (nothing above modified it)
         self.params, self.obs_stat = params, stat
+        if self.screener is not None:
+            self.screener.model = model
+            self.screener.add(episodes)
         self.iteration += 1
         self.env_steps = int(record["env_steps"])
         if evaluated is not None:
@@ -265,13 +356,53 @@ class ARSTrainer:
         record["iteration_s"] = time.perf_counter() - t0
         return record
 
+    @staticmethod
+    def _screen_record(
+        indices: list[int],
+        predicted: np.ndarray | None,
+        r_plus: np.ndarray,
+        r_minus: np.ndarray,
+        real_episodes: int,
+        train_s: float,
+        imagine_s: float,
+    ) -> dict[str, Any]:
+        """The ``screen_*`` log figures of one screened iteration.
+
+        ``screen_active`` (a model chose the directions), ``screen_real_episodes`` (2·screen),
+        ``screen_kept`` (the kept indices), ``screen_train_s``/``screen_imagine_s``/``screen_model_s``
+        (wall clock of fine-tuning, of imagination, their sum; no env steps), and, when active,
+        ``screen_rank_corr`` (Spearman correlation of the 2·screen predicted and real shifted
+        returns of the kept directions), ``screen_rank_corr_max`` (the same for ``max(r⁺, r⁻)``, the
+        figure screening ranks by) and ``screen_pred_mean``/``screen_real_mean`` (mean predicted and
+        real shifted return of the kept perturbations; predictions cover only ``screen_horizon`` steps).
+        """
+        out: dict[str, Any] = {
+            "screen_active": predicted is not None,
+            "screen_real_episodes": real_episodes,
+            "screen_kept": list(indices),
+            "screen_train_s": train_s,
+            "screen_imagine_s": imagine_s,
+            "screen_model_s": train_s + imagine_s,
+        }
+        if predicted is not None:
+            kept = predicted[indices]
+            real = np.stack([r_plus, r_minus], axis=1)
+            out["screen_rank_corr"] = rank_correlation(kept.ravel(), real.ravel())
+            out["screen_rank_corr_max"] = rank_correlation(kept.max(axis=1), real.max(axis=1))
+            out["screen_pred_mean"] = float(kept.mean())
+            out["screen_real_mean"] = float(real.mean())
+        return out
+
     def evaluate(self, backend: Backend, seeds: list[int]) -> list[EpisodeResult]:
         """Episodes of the current (unperturbed) policy, one per reset seed."""
         mean, inv_std = self.obs_stat.normaliser()
         return backend.episodes(self.params, mean, inv_std, seeds)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-identically (JSON-serialisable; floats round-trip)."""
+        """Everything needed to continue bit-identically (JSON-serialisable; floats round-trip).
+
+        With screening also ``screen``: the buffer of real episodes and the model weights.
+        """
         return {
             "config": self.config.to_dict(),
             "policy": self.policy.spec(),
@@ -283,6 +414,7 @@ class ARSTrainer:
             "env_steps": self.env_steps,
             "eval_env_steps": self.eval_env_steps,
             "best": self.best,
+            **({} if self.screener is None else {"screen": self.screener.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -299,6 +431,10 @@ class ARSTrainer:
         self.env_steps = int(state["env_steps"])
         self.eval_env_steps = int(state["eval_env_steps"])
         self.best = state["best"]
+        if self.screener is not None:
+            if "screen" not in state:
+                raise ValueError("the state has no `screen` entry (buffer and model) for screening")
+            self.screener.load_state_dict(state["screen"])
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], env: dict[str, Any]) -> ARSTrainer:

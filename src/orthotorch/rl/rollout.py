@@ -23,12 +23,14 @@ __all__ = ["EpisodeResult", "env_info", "make_env", "rollout", "root_x"]
 class EpisodeResult:
     """One episode: ``ret`` (sum of the environment's rewards, unshifted), ``length`` (steps),
     ``forward`` (x of the root body at the end minus at the start; NaN for environments without a MuJoCo
-    root position) and, when collected, the statistics of the visited observations."""
+    root position), when collected, the statistics of the visited observations and, when recorded, the
+    transitions ``trace = (obs (T+1, obs_dim), act (T, act_dim), reward (T,), terminated (T,) bool)``."""
 
     ret: float
     length: int
     forward: float
     stats: RunningStat | None = None
+    trace: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def make_env(env_id: str, **kwargs: Any) -> Any:
@@ -89,6 +91,7 @@ def rollout(
     seed: int,
     max_steps: int | None = None,
     collect_stats: bool = False,
+    record: bool = False,
 ) -> EpisodeResult:
     """Run one episode of ``env`` with ``act((o − mean)·inv_std)``.
 
@@ -99,23 +102,38 @@ def rollout(
         seed: ``env.reset(seed=seed)``: the episode is a deterministic function of it and the policy.
         max_steps: optional cap below the environment's own time limit.
         collect_stats: also return the statistics of the visited observations (including the first).
+        record: also return the raw transitions (``EpisodeResult.trace``, float64; for world models).
 
     Returns:
         :class:`EpisodeResult`.
     """
     obs, _ = env.reset(seed=int(seed))
     x0 = root_x(env)
-    visited: list[np.ndarray] | None = [] if collect_stats else None
+    visited: list[np.ndarray] | None = [] if collect_stats or record else None
+    acts: list[np.ndarray] | None = [] if record else None
+    rewards: list[float] = []
+    terminated = False
     total, steps = 0.0, 0
     limit = math.inf if max_steps is None else max_steps
     while steps < limit:
         o = np.asarray(obs, dtype=np.float64)
         if visited is not None:
             visited.append(o)
-        obs, reward, terminated, truncated, _ = env.step(act((o - mean) * inv_std))
+        a = act((o - mean) * inv_std)
+        if acts is not None:
+            acts.append(np.asarray(a, dtype=np.float64))
+        obs, reward, terminated, truncated, _ = env.step(a)
         total += float(reward)
+        if acts is not None:
+            rewards.append(float(reward))
         steps += 1
         if terminated or truncated:
             break
-    stats = RunningStat.of(np.stack(visited)) if visited else None
-    return EpisodeResult(total, steps, root_x(env) - x0, stats)
+    stats = RunningStat.of(np.stack(visited)) if visited and collect_stats else None
+    trace = None
+    if acts is not None and visited is not None:
+        term = np.zeros(steps, dtype=bool)
+        term[-1] = bool(terminated)
+        final = np.asarray(obs, dtype=np.float64)
+        trace = (np.stack([*visited, final]), np.stack(acts), np.array(rewards), term)
+    return EpisodeResult(total, steps, root_x(env) - x0, stats, trace)

@@ -62,7 +62,10 @@ class WorkerSpec:
 
 @dataclass
 class PairTask:
-    """Antithetic rollouts ``θ ± noise·δ_k`` for the direction indices ``indices`` of one iteration."""
+    """Antithetic rollouts ``θ ± noise·δ_k`` for the direction indices ``indices`` of one iteration.
+
+    ``record``: the episodes also carry their transitions (``EpisodeResult.trace``, for world models).
+    """
 
     seed: int
     num_directions: int
@@ -71,6 +74,7 @@ class PairTask:
     params: np.ndarray
     mean: np.ndarray
     inv_std: np.ndarray
+    record: bool = False
 
 
 class RolloutWorker:
@@ -111,6 +115,7 @@ class RolloutWorker:
                         seed=env_seed,
                         max_steps=self.spec.max_episode_steps,
                         collect_stats=True,
+                        record=task.record,
                     )
                 )
             out.append((pair[0], pair[1]))
@@ -160,6 +165,7 @@ class Backend:
                     task.params,
                     task.mean,
                     task.inv_std,
+                    task.record,
                 ),
             )
             for part in _chunks(task.indices, 4 * self.workers)

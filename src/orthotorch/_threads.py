@@ -1,4 +1,4 @@
-"""The torch thread count of one run, restored afterwards (shared by the demo and ``orthotorch rnn``)."""
+"""The torch thread count of one run, restored afterwards (shared by the demo, ``orthotorch rnn`` and the RL screening model)."""
 
 from __future__ import annotations
 
