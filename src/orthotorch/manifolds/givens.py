@@ -732,9 +732,7 @@ def _flat_block(block: MatchingBlock, scales: object, x: torch.Tensor) -> _Flat:
                 f"`scales` of a MatchingBlock must be None or an (m, P) = {(m, pairs)} tensor, got {got}"
             )
         scale = scales.to(device=x.device, dtype=x.dtype).reshape(-1).contiguous()
-    off = torch.arange(0, (m + 1) * pairs, max(pairs, 1), dtype=torch.int64)[: m + 1]
-    if pairs == 0:
-        off = torch.zeros(m + 1, dtype=torch.int64)
+    off = torch.arange(m + 1, dtype=torch.int64) * pairs
     return _Flat(off, i.reshape(-1), j.reshape(-1), scale)
 
 
