@@ -56,8 +56,23 @@ METHODS: dict[str, dict[str, object]] = {
     "geoopt RiemannianAdam": {"constraint": "givens", "optimizer": "riemannian_adam"},
     "unconstrained RNN+Adam": {"constraint": "none", "optimizer": "adam"},
     "LSTM+Adam": {"model": "lstm", "optimizer": "adam"},
+    # expRNN's copying recipe (its copytask.py: lr 2e-4, recurrent lr 2e-5, RMSprop, kaiming input map);
+    # for Givens, every one of the d − 1 round-robin matchings per step (≈ 1 ms at d = 190).
+    "matrix_exp+RMSprop (expRNN recipe)": {
+        "constraint": "matrix_exp",
+        "optimizer": "rmsprop",
+        "input_init": "kaiming",
+        "lr_orth_divisor": 10,
+    },
+    "givens(full)+OrthogonalAdam (expRNN recipe)": {
+        "constraint": "givens",
+        "optimizer": "orthogonal_adam",
+        "sampler": "full",
+        "input_init": "kaiming",
+        "lr_orth_divisor": 10,
+    },
 }
-#: lr grids (recurrent and other parameters share the lr).
+#: lr grids (recurrent and other parameters share the lr unless the method sets ``lr_orth_divisor``).
 GRIDS: dict[str, tuple[float, ...]] = {
     "givens+OrthogonalAdam": (3e-4, 1e-3, 3e-3),
     "givens+OrthogonalSGD(m=0.9)": (3e-3, 1e-2, 3e-2),
@@ -67,7 +82,18 @@ GRIDS: dict[str, tuple[float, ...]] = {
     "geoopt RiemannianAdam": (3e-4, 1e-3, 3e-3),
     "unconstrained RNN+Adam": (3e-4, 1e-3, 3e-3),
     "LSTM+Adam": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "matrix_exp+RMSprop (expRNN recipe)": (1e-4, 2e-4, 5e-4),
+    "givens(full)+OrthogonalAdam (expRNN recipe)": (1e-4, 2e-4, 5e-4),
 }
+
+
+def _overrides(name: str) -> tuple[dict[str, object], float]:
+    """``(RunConfig overrides, lr / lr_orth)`` of method ``name``."""
+    over = dict(METHODS[name])
+    divisor = float(over.pop("lr_orth_divisor", 1.0))  # type: ignore[arg-type]
+    return over, divisor
+
+
 DEMO = ("givens+OrthogonalAdam", "cwy+Adam", "LSTM+Adam")
 
 
@@ -244,6 +270,7 @@ def race(
     share_s = None if chunk_seconds is None else chunk_seconds / len(pending)
     complete = True
     for name, lr, out, done in pending:
+        over, divisor = _overrides(name)
         cfg = RunConfig(
             task=task,
             T=T,
@@ -251,10 +278,10 @@ def race(
             batch=128,
             steps=steps,
             lr=lr,
-            lr_orth=lr,
+            lr_orth=lr / divisor,
             seed=0,
             checkpoint_every=25,
-            **METHODS[name],
+            **over,
         )  # type: ignore[arg-type]
         print(
             f"  {name} lr {lr:g}: iterations {done} → {steps}"

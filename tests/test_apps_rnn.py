@@ -51,6 +51,37 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, over):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_input_init_reaches_the_model_and_the_config(tmp_path):
+    k = app.build_model(small(hidden=64, input_init="kaiming"), torch.Generator().manual_seed(0))
+    u = app.build_model(small(hidden=64), torch.Generator().manual_seed(0))
+    w_k, w_u = k.rnn.cells[0].weight_ih.detach(), u.rnn.cells[0].weight_ih.detach()
+    assert abs(float(w_k.std()) / (2 / 10) ** 0.5 - 1) < 0.1  # copying: 10 input symbols
+    assert float(w_u.abs().max()) <= 64**-0.5
+    train(small(input_init="kaiming", steps=1), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["input_init"] == "kaiming"
+
+
+def test_sampler_matchings_and_stabilize_reach_the_recurrent_group(tmp_path):
+    cfg = small(sampler="full", matchings=3, stabilize=2, hidden=6)
+    model = app.build_model(cfg, torch.Generator().manual_seed(0))
+    opt = app.build_optimizer(cfg, model)
+    (rec,) = [g for g in opt.param_groups if g["sampler"] == "full"]
+    assert rec["matchings_per_step"] == 3 and rec["stabilize"] == 2
+    assert rec["params"] == [model.rnn.cells[0].weight_hh]
+    res = train(replace(cfg, steps=4), tmp_path)
+    assert res.orth_error < 1e-5
+
+
+def test_resume_applies_the_new_config_options(tmp_path):
+    """torch's load_state_dict would silently keep the checkpoint's lr / stabilize: the config wins."""
+    cfg = small(hidden=6, steps=4, optimizer="orthogonal_adam", lr=1e-3)
+    train(cfg, tmp_path)
+    train(replace(cfg, steps=8, lr=2e-3, lr_orth=5e-4, stabilize=3), tmp_path, resume=True)
+    groups = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert sorted(g["lr"] for g in groups) == [5e-4, 2e-3]
+    assert [g["stabilize"] for g in groups if g["lr"] == 5e-4] == [3]
+
+
 def test_log_fields_and_checkpoint_contents(tmp_path):
     res = train(small(steps=4, checkpoint_every=2), tmp_path)
     rows = _log(tmp_path)
@@ -123,6 +154,10 @@ def test_cli_train_eval_plot_and_resume(tmp_path, capsys):
         (["--constraint", "qr"], "--constraint"),
         (["--optimizer", "lbfgs"], "--optimizer"),
         (["--task", "mnist"], "--task"),
+        (["--input-init", "normal"], "--input-init"),
+        (["--sampler", "best"], "--sampler"),
+        (["--matchings", "0"], "--matchings"),
+        (["--stabilize", "0"], "--stabilize"),
         (
             ["--optimizer", "adam"],
             "--optimizer",
@@ -214,3 +249,30 @@ def test_train_sets_its_thread_count_and_restores_the_callers_also_on_error(tmp_
     assert torch.get_num_threads() == before
     train(small(steps=1, threads=0), progress=lambda *_: seen.append(torch.get_num_threads()))
     assert seen[-1] == before  # 0 keeps the caller's count
+
+
+def test_cli_resume_takes_stabilize_and_refuses_a_changed_experiment(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = [
+        "rnn",
+        "train",
+        "--T",
+        "4",
+        "--hidden",
+        "8",
+        "--batch",
+        "4",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main([*base, "--steps", "3"]) == 0
+    assert main([*base, "--steps", "5", "--resume", "--stabilize", "2"]) == 0
+    assert json.loads((out / "config.json").read_text())["stabilize"] == 2
+    capsys.readouterr()
+    assert main([*base, "--steps", "6", "--resume", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--lr 0.01" in err and "--stabilize" in err
+    assert main([*base, "--steps", "6", "--resume"]) == 0  # the stored config, unchanged
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["stabilize"] == 2 and cfg["lr"] == 1e-3 and cfg["steps"] == 6

@@ -392,3 +392,29 @@ def test_stiefel_input_map_wide_and_tall(input_constraint):
         assert w.shape == (d, n_in) and (w - w0).abs().max() > 1e-3
         assert float(orthogonality_error(w)) < 1e-5
         assert len(constrained_weights(rnn)) == 2
+
+
+def test_input_init_scales_and_default():
+    """kaiming: N(0, 2/input_size) (expRNN); uniform (default): U[-1/sqrt(d), 1/sqrt(d)] (nn.RNN)."""
+    n_in, d = 40, 300
+    w_k = OrthogonalRNNCell(n_in, d, input_init="kaiming", generator=gen(3)).weight_ih.detach()
+    assert abs(float(w_k.std()) / math.sqrt(2 / n_in) - 1) < 0.03
+    assert abs(float(w_k.mean())) < 0.01
+    w_u = OrthogonalRNNCell(n_in, d, input_init="uniform", generator=gen(3)).weight_ih.detach()
+    bound = 1 / math.sqrt(d)
+    assert float(w_u.abs().max()) <= bound
+    assert abs(float(w_u.std()) / (bound / math.sqrt(3)) - 1) < 0.03
+    default = OrthogonalRNNCell(n_in, d, generator=gen(3))
+    assert default.input_init == "uniform" and torch.equal(default.weight_ih.detach(), w_u)
+    assert OrthogonalRNNCell(n_in, d, input_constraint="tcwy").input_init is None
+    # every layer of a stack gets the init; layer l > 0 reads d features
+    rnn = OrthogonalRNN(n_in, d, num_layers=2, input_init="kaiming", generator=gen(4))
+    w1 = rnn.cells[1].weight_ih.detach()
+    assert abs(float(w1.std()) / math.sqrt(2 / d) - 1) < 0.03
+
+
+def test_input_init_bad_values():
+    with pytest.raises(ValueError, match=r"input_init.*'normal'"):
+        OrthogonalRNNCell(3, 4, input_init="normal")
+    with pytest.raises(ValueError, match=r"input_init.*input_constraint"):
+        OrthogonalRNN(3, 8, input_constraint="tcwy", input_init="kaiming")

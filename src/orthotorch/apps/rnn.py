@@ -31,14 +31,16 @@ from orthotorch._threads import torch_threads
 from orthotorch.apps._argtypes import int_at_least, positive_real, real
 from orthotorch.nn import OrthogonalRNN, orthogonality_error
 from orthotorch.nn import tasks as T_
+from orthotorch.nn.cells import INPUT_INITS
 from orthotorch.nn.constraints import CONSTRAINTS
 from orthotorch.nn.init import INITS
 from orthotorch.nn.nonlinearities import NONLINEARITIES
-from orthotorch.optim import OrthogonalAdam, OrthogonalSGD
+from orthotorch.optim import SAMPLERS, OrthogonalAdam, OrthogonalSGD
 
 __all__ = [
     "MODELS",
     "OPTIMIZERS",
+    "RESUMABLE",
     "TASKS",
     "RunConfig",
     "RunResult",
@@ -50,6 +52,7 @@ __all__ = [
     "plot_logs",
     "recurrent_orthogonality_error",
     "register",
+    "resumed_config",
     "train",
 ]
 
@@ -69,10 +72,14 @@ class RunConfig:
     constraint: str = "givens"
     nonlinearity: str = "modrelu"
     init: str = "henaff"
+    input_init: str = "uniform"
     optimizer: str = "orthogonal_adam"
     lr: float = 1e-3
     lr_orth: float | None = None
     momentum: float = 0.9
+    sampler: str = "round_robin"
+    matchings: int = 16
+    stabilize: int | None = None
     batch: int = 128
     steps: int = 200
     seconds: float | None = None
@@ -161,6 +168,7 @@ def build_model(cfg: RunConfig, generator: torch.Generator) -> SequenceModel:
         batch_first=True,
         constraint=cfg.constraint,
         init=cfg.init,
+        input_init=cfg.input_init,
         generator=generator,
     )
     model = SequenceModel(rnn, cfg.hidden, outputs, every)
@@ -195,9 +203,14 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     rest = [p for p in model.parameters() if id(p) not in rec_ids]
     lr_orth = cfg.lr if cfg.lr_orth is None else cfg.lr_orth
     groups: list[dict[str, Any]] = [{"params": rest}]
-    if rec:
-        groups.append({"params": rec, "lr": lr_orth})
     name = cfg.optimizer
+    if rec:
+        rec_group: dict[str, Any] = {"params": rec, "lr": lr_orth}
+        if name in ("orthogonal_adam", "orthogonal_sgd"):
+            rec_group.update(
+                sampler=cfg.sampler, matchings_per_step=cfg.matchings, stabilize=cfg.stabilize
+            )
+        groups.append(rec_group)
     if name == "orthogonal_adam":
         return OrthogonalAdam(groups, lr=cfg.lr)
     if name == "orthogonal_sgd":
@@ -351,7 +364,12 @@ def _train(
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
+        # torch's load_state_dict restores the saved groups' options; the run's config is ``cfg``
+        # (a resumed run may change lr, stabilize, ...; with the same config nothing changes)
+        options = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         opt.load_state_dict(state["optimizer"])
+        for group, opts in zip(opt.param_groups, options, strict=True):
+            group.update(opts)
         if isinstance(opt, geoopt.optim.RiemannianAdam):
             # torch's load_state_dict turns geoopt's integer step counts into float32 tensors, which
             # changes its bias corrections in the last bit: restore the ints
@@ -528,6 +546,37 @@ def _one_line_error(self: argparse.ArgumentParser, message: str) -> None:
     sys.exit(2)
 
 
+#: Options a resumed run may change: the stopping rule, threads, checkpointing and ``stabilize`` (a
+#: numerical safeguard that can be switched on when the drift shows in the log).
+RESUMABLE = ("steps", "seconds", "threads", "checkpoint_every", "stabilize")
+
+
+def resumed_config(stored: RunConfig, given: RunConfig) -> RunConfig:
+    """The config of a resumed run: ``stored`` with the :data:`RESUMABLE` options of ``given``.
+
+    ``steps`` and ``seconds`` always come from ``given``; the other resumable options where they differ
+    from the defaults. Any other option given with a non-default value that differs from the stored run
+    raises ``ValueError`` naming the flag (the stored run defines the experiment).
+    """
+    default = RunConfig()
+    merged = asdict(stored)
+    for name, value in asdict(given).items():
+        if name in ("steps", "seconds"):
+            merged[name] = value
+        elif value == getattr(default, name) or value == merged[name]:
+            continue
+        elif name in RESUMABLE:
+            merged[name] = value
+        else:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"--resume: {flag} {value} differs from the stored run's {merged[name]}; a resumed run "
+                f"keeps its config (only {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)} "
+                "may change): drop the flag or start a new --out"
+            )
+    return RunConfig(**merged)
+
+
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         task=args.task,
@@ -537,10 +586,14 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         constraint=args.constraint,
         nonlinearity=args.nonlinearity,
         init=args.init,
+        input_init=args.input_init,
         optimizer=args.optimizer,
         lr=args.lr,
         lr_orth=args.lr_orth,
         momentum=args.momentum,
+        sampler=args.sampler,
+        matchings=args.matchings,
+        stabilize=args.stabilize,
         batch=args.batch,
         steps=args.steps,
         seconds=args.seconds,
@@ -559,8 +612,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"orthotorch rnn train: error: --resume: no run in {out}", file=sys.stderr)
             return 2
         stored = RunConfig(**json.loads(saved.read_text()))
-        # the stored run defines the experiment; only the stopping rule may change
-        cfg = RunConfig(**{**asdict(stored), "steps": args.steps, "seconds": args.seconds})
+        try:
+            cfg = resumed_config(stored, cfg)
+        except ValueError as e:
+            print(f"orthotorch rnn train: error: {e}", file=sys.stderr)
+            return 2
     try:
         check_config(cfg)
     except ValueError as e:
@@ -667,6 +723,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--nonlinearity", choices=NONLINEARITIES, default="modrelu", help="pointwise nonlinearity"
     )
     p.add_argument("--init", choices=INITS, default="henaff", help="initial recurrent matrix")
+    p.add_argument(
+        "--input-init",
+        choices=INPUT_INITS,
+        default="uniform",
+        help="initial input map: uniform (nn.RNN's U[-1/sqrt(hidden), 1/sqrt(hidden)]) or kaiming "
+        "(expRNN's N(0, 2/input_size))",
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="orthogonal_adam", help="optimizer")
     p.add_argument("--lr", type=positive_real, default=1e-3, help="learning rate")
     p.add_argument(
@@ -680,6 +743,26 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         type=real(0.0, 1.0, max_inclusive=False),
         default=0.9,
         help="momentum of sgd / orthogonal_sgd",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="round_robin",
+        help="matching schedule of orthogonal_adam / orthogonal_sgd (full: all d − 1 rounds per step)",
+    )
+    p.add_argument(
+        "--matchings",
+        type=int_at_least(1),
+        default=16,
+        help="matchings per step of orthogonal_adam / orthogonal_sgd (ignored by --sampler full)",
+    )
+    p.add_argument(
+        "--stabilize",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="orthogonal_adam / orthogonal_sgd: re-project the recurrent matrix by QR every N steps "
+        "(O(d³); bounds float32 drift, which grows with the number of rotations per step)",
     )
     p.add_argument("--batch", type=int_at_least(1), default=128, help="batch size")
     p.add_argument(

@@ -31,7 +31,10 @@ from orthotorch.nn.init import INITS, orthogonal_init
 from orthotorch.nn.nonlinearities import NONLINEARITIES, ModReLU
 from orthotorch.nn.recurrence import recurrence
 
-__all__ = ["OrthogonalRNNCell"]
+__all__ = ["INPUT_INITS", "OrthogonalRNNCell"]
+
+#: Inits of an unconstrained input map (see :class:`OrthogonalRNNCell`'s ``input_init``).
+INPUT_INITS = ("uniform", "kaiming")
 
 
 class OrthogonalRNNCell(ConstrainedModule):
@@ -49,8 +52,13 @@ class OrthogonalRNNCell(ConstrainedModule):
         group: ``"O"`` (the component of the initial matrix) or ``"SO"``.
         init: ``"henaff"`` (default), ``"cayley"``, ``"haar"`` (see :mod:`orthotorch.nn.init`), or a
             ``(d, d)`` orthogonal tensor.
-        input_constraint: ``None`` (unconstrained ``W_ih``, ``U[−1/√d, 1/√d]`` init like ``nn.RNN``) or a
+        input_constraint: ``None`` (unconstrained ``W_ih``, initialised by ``input_init``) or a
             constraint name: ``W_ih`` ``(d, input_size)`` gets orthonormal columns (``d ≥ input_size``) or rows.
+        input_init: init of an unconstrained ``W_ih``: ``"uniform"`` (default: ``U[−1/√d, 1/√d]``,
+            ``nn.RNN``'s) or ``"kaiming"`` (``N(0, 2 / input_size)``, expRNN's; each input then adds ≈ 10×
+            more to the state at ``d = 190``, 10 inputs). ``None`` means ``"uniform"``; a constrained input
+            map starts with orthonormal columns and takes no ``input_init``. Which one learns the copying
+            task faster is measured in docs/benchmarks/rnn.md ("Input init").
         generator: generator of every random init (default: a fresh one seeded 0).
         dtype, device: of the parameters.
 
@@ -76,6 +84,7 @@ class OrthogonalRNNCell(ConstrainedModule):
         group: str = "O",
         init: str | torch.Tensor = "henaff",
         input_constraint: str | None = None,
+        input_init: str | None = None,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -88,6 +97,15 @@ class OrthogonalRNNCell(ConstrainedModule):
         self.constraint = normalize_constraint(constraint)
         self.input_constraint = normalize_constraint(input_constraint, "input_constraint")
         check_choice("group", group, ("O", "SO"))
+        if input_init is not None:
+            check_choice("input_init", input_init, INPUT_INITS)
+            if self.input_constraint != "none":
+                raise ValueError(
+                    f"`input_init` applies to an unconstrained input map, got input_init={input_init!r} "
+                    f"with input_constraint={input_constraint!r}; a constrained W_ih starts with "
+                    "orthonormal columns (leave input_init=None)"
+                )
+        self.input_init = input_init or ("uniform" if self.input_constraint == "none" else None)
         check_generator("generator", generator)
         self.nonlinearity = nonlinearity
         self.group = group
@@ -109,7 +127,11 @@ class OrthogonalRNNCell(ConstrainedModule):
             check_choice("init", init, INITS)
             w_hh = orthogonal_init(init, d, generator=gen, dtype=dtype, group=group)
             self.init = init
-        if self.input_constraint == "none":
+        if self.input_init == "kaiming":
+            std = math.sqrt(2.0 / self.input_size)
+            w_ih = torch.randn(d, self.input_size, generator=gen, dtype=torch.float64) * std
+            w_ih = w_ih.to(dtype)
+        elif self.input_constraint == "none":
             bound = 1.0 / math.sqrt(d)
             w_ih = (
                 torch.rand(d, self.input_size, generator=gen, dtype=torch.float64) * 2 - 1

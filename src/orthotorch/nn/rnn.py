@@ -36,7 +36,7 @@ class OrthogonalRNN(nn.Module):
     Args:
         input_size, hidden_size: as in ``nn.RNN``.
         num_layers: stacked layers (layer ``l > 0`` reads layer ``l − 1``'s states).
-        nonlinearity, bias, constraint, group, init, input_constraint: as in
+        nonlinearity, bias, constraint, group, init, input_constraint, input_init: as in
             :class:`~orthotorch.nn.OrthogonalRNNCell` (shared by every layer).
         batch_first: ``x`` and ``out`` are ``(B, T, ·)``.
         generator: generator of every random init (default: a fresh one seeded 0).
@@ -59,6 +59,7 @@ class OrthogonalRNN(nn.Module):
         group: str = "O",
         init: str | torch.Tensor = "henaff",
         input_constraint: str | None = None,
+        input_init: str | None = None,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -80,6 +81,7 @@ class OrthogonalRNN(nn.Module):
                 group=group,
                 init=init,
                 input_constraint=input_constraint,
+                input_init=input_init,
                 generator=gen,
                 dtype=dtype,
                 device=device,
