@@ -304,13 +304,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render_env(env_id: str, width: int, height: int, camera: str | None) -> Any:
+    """An ``rgb_array`` env rendering through ``camera`` (a named MuJoCo camera), else the default view.
+
+    The default free camera of Humanoid-v5 does not follow the body, so a policy that walks 27 m leaves
+    the frame; the model's ``track`` camera follows its centre of mass.
+    """
+    kwargs: dict[str, Any] = {"render_mode": "rgb_array", "width": width, "height": height}
+    attempts = ([{**kwargs, "camera_name": camera}] if camera else []) + [kwargs, {"render_mode": "rgb_array"}]
+    for i, kw in enumerate(attempts):
+        try:
+            env = make_env(env_id, **kw)
+            env.reset(seed=0)
+            env.render()
+            return env
+        except (ValueError, TypeError, KeyError) as exc:
+            if i == len(attempts) - 1:
+                raise
+            if "camera_name" in kw:
+                print(f"note: no camera {camera!r} in {env_id} ({exc}); using the default view", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def _cmd_record(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the mujoco import
     doc, trainer = _load_for_run(args)
-    try:
-        env = make_env(doc["env_id"], render_mode="rgb_array", width=args.width, height=args.height)
-    except (ValueError, TypeError):
-        env = make_env(doc["env_id"], render_mode="rgb_array")
+    env = _render_env(doc["env_id"], args.width, args.height, args.camera)
     mean, inv_std = trainer.obs_stat.normaliser()
     act = trainer.policy.actor(trainer.params)
     frames = []
@@ -757,6 +776,12 @@ def register(subparsers: Any) -> None:
                 help="episode cap",
             )
             p.add_argument("--every", type=int_at_least(1), default=3, help="keep every n-th frame")
+            p.add_argument(
+                "--camera",
+                default="track",
+                help="named MuJoCo camera ('track' follows Humanoid's and the walkers' centre of mass; "
+                "'' for the environment's default view)",
+            )
             p.add_argument("--width", type=int_at_least(16), default=240, help="frame width")
             p.add_argument("--height", type=int_at_least(16), default=180, help="frame height")
             p.set_defaults(handler=_cmd_record)
