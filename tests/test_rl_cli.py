@@ -101,6 +101,20 @@ def test_record_writes_a_gif(run_dir, tmp_path, capsys):
     assert (tmp_path / "s.png").is_file()
 
 
+def test_record_falls_back_to_the_default_view_for_an_unknown_camera(run_dir, tmp_path, capsys):
+    gif = tmp_path / "ep.gif"
+    args = ["humanoid", "record", "--checkpoint", str(run_dir / "checkpoint.json"), "--out", str(gif),
+            "--max-steps", "5", "--width", "32", "--height", "32"]  # fmt: skip
+    rc = main([*args, "--camera", "no-such-camera"])
+    err = capsys.readouterr().err
+    if rc == 1 and "rendering failed" in err:
+        pytest.skip("headless rendering (MUJOCO_GL=egl) is not available on this machine")
+    assert rc == 0 and "no camera 'no-such-camera'" in err
+    assert gif.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+    assert main([*args, "--camera", ""]) == 0
+    assert "no camera" not in capsys.readouterr().err
+
+
 def test_resume_continues_bit_identically(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert _train(one, "--budget-steps", "1200", "--no-progress") == 0

@@ -308,22 +308,27 @@ def _render_env(env_id: str, width: int, height: int, camera: str | None) -> Any
     """An ``rgb_array`` env rendering through ``camera`` (a named MuJoCo camera), else the default view.
 
     The default free camera of Humanoid-v5 does not follow the body, so a policy that walks 27 m leaves
-    the frame; the model's ``track`` camera follows its centre of mass.
+    the frame; the model's ``track`` camera follows its centre of mass. Gymnasium silently falls back to
+    the free camera for an unknown name; we say so.
     """
-    kwargs: dict[str, Any] = {"render_mode": "rgb_array", "width": width, "height": height}
-    attempts = ([{**kwargs, "camera_name": camera}] if camera else []) + [kwargs, {"render_mode": "rgb_array"}]
-    for i, kw in enumerate(attempts):
-        try:
-            env = make_env(env_id, **kw)
-            env.reset(seed=0)
-            env.render()
-            return env
-        except (ValueError, TypeError, KeyError) as exc:
-            if i == len(attempts) - 1:
-                raise
-            if "camera_name" in kw:
-                print(f"note: no camera {camera!r} in {env_id} ({exc}); using the default view", file=sys.stderr)
-    raise AssertionError("unreachable")
+    try:
+        env = make_env(env_id, render_mode="rgb_array", width=width, height=height)
+    except (ValueError, TypeError):
+        env = make_env(env_id, render_mode="rgb_array")
+    if not camera:
+        return env
+    model = getattr(env.unwrapped, "model", None)
+    names = [model.camera(i).name for i in range(model.ncam)] if model is not None else []
+    if camera not in names:
+        print(
+            f"note: no camera {camera!r} in {env_id} (cameras: {names or 'none'}); using the default view",
+            file=sys.stderr,
+        )
+        return env
+    env.close()
+    return make_env(
+        env_id, render_mode="rgb_array", width=width, height=height, camera_name=camera
+    )
 
 
 def _cmd_record(args: argparse.Namespace) -> int:

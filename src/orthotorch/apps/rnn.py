@@ -513,7 +513,9 @@ def plot_logs(
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, path in enumerate(logs):
         rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-        label = labels[i] if labels is not None else Path(path).parent.name
+        # a run's log.jsonl is named by its directory, a renamed log (docs/.../rnn_logs) by its file
+        stem = Path(path).stem
+        label = labels[i] if labels is not None else (Path(path).parent.name if stem == "log" else stem)
         its = [r["iter"] for r in rows]
         walls = [r["wall"] for r in rows]
         losses = [r["loss"] for r in rows]
