@@ -253,19 +253,7 @@ def test_train_sets_its_thread_count_and_restores_the_callers_also_on_error(tmp_
 
 def test_cli_resume_takes_stabilize_and_refuses_a_changed_experiment(tmp_path, capsys):
     out = tmp_path / "run"
-    base = [
-        "rnn",
-        "train",
-        "--T",
-        "4",
-        "--hidden",
-        "8",
-        "--batch",
-        "4",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
+    base = ["rnn", "train", "--T", "4", "--hidden", "8", "--batch", "4", "--out", str(out), "--quiet"]  # fmt: skip
     assert main([*base, "--steps", "3"]) == 0
     assert main([*base, "--steps", "5", "--resume", "--stabilize", "2"]) == 0
     assert json.loads((out / "config.json").read_text())["stabilize"] == 2
