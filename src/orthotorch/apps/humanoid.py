@@ -326,9 +326,7 @@ def _render_env(env_id: str, width: int, height: int, camera: str | None) -> Any
         )
         return env
     env.close()
-    return make_env(
-        env_id, render_mode="rgb_array", width=width, height=height, camera_name=camera
-    )
+    return make_env(env_id, render_mode="rgb_array", width=width, height=height, camera_name=camera)
 
 
 def _cmd_record(args: argparse.Namespace) -> int:

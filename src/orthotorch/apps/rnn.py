@@ -515,7 +515,9 @@ def plot_logs(
         rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
         # a run's log.jsonl is named by its directory, a renamed log (docs/.../rnn_logs) by its file
         stem = Path(path).stem
-        label = labels[i] if labels is not None else (Path(path).parent.name if stem == "log" else stem)
+        label = (
+            labels[i] if labels is not None else (Path(path).parent.name if stem == "log" else stem)
+        )
         its = [r["iter"] for r in rows]
         walls = [r["wall"] for r in rows]
         losses = [r["loss"] for r in rows]
