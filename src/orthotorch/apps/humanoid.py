@@ -311,22 +311,21 @@ def _render_env(env_id: str, width: int, height: int, camera: str | None) -> Any
     the frame; the model's ``track`` camera follows its centre of mass. Gymnasium silently falls back to
     the free camera for an unknown name; we say so.
     """
+    kwargs: dict[str, Any] = {"width": width, "height": height}
+    if camera:
+        kwargs["camera_name"] = camera
     try:
-        env = make_env(env_id, render_mode="rgb_array", width=width, height=height)
-    except (ValueError, TypeError):
+        env = make_env(env_id, render_mode="rgb_array", **kwargs)
+    except (ValueError, TypeError):  # not a MuJoCo env: no size or camera options
         env = make_env(env_id, render_mode="rgb_array")
-    if not camera:
-        return env
     model = getattr(env.unwrapped, "model", None)
     names = [model.camera(i).name for i in range(model.ncam)] if model is not None else []
-    if camera not in names:
+    if camera and camera not in names:
         print(
             f"note: no camera {camera!r} in {env_id} (cameras: {names or 'none'}); using the default view",
             file=sys.stderr,
         )
-        return env
-    env.close()
-    return make_env(env_id, render_mode="rgb_array", width=width, height=height, camera_name=camera)
+    return env
 
 
 def _cmd_record(args: argparse.Namespace) -> int:

@@ -131,7 +131,7 @@ class OrthogonalRNNCell(ConstrainedModule):
             std = math.sqrt(2.0 / self.input_size)
             w_ih = torch.randn(d, self.input_size, generator=gen, dtype=torch.float64) * std
             w_ih = w_ih.to(dtype)
-        elif self.input_constraint == "none":
+        elif self.input_init == "uniform":
             bound = 1.0 / math.sqrt(d)
             w_ih = (
                 torch.rand(d, self.input_size, generator=gen, dtype=torch.float64) * 2 - 1
